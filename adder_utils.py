@@ -1,0 +1,832 @@
+"""Reusable parts of the MNIST Adder notebook, in the order the notebook meets them.
+
+setup -> data -> model -> training helpers -> evaluation -> plotting -> checkpoints and inference.
+
+The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook teaches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+# --------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------
+
+NUM_DIGITS = 10  # digit classes 0-9, and addends 0-9
+NUM_SUMS = 19  # sums 0-18
+
+NO_GPU_MESSAGE = (
+    "No CUDA GPU is available, and this notebook trains on the GPU.\n"
+    "In Colab: Runtime > Change runtime type > Hardware accelerator: GPU (e.g. T4), "
+    "then Runtime > Run all.\n"
+    "To run on the CPU anyway (slow: about 40 s per epoch on 2 cores), set the "
+    "environment variable ADDER_ALLOW_CPU=1 before starting the notebook."
+)
+
+
+def settings_from_env(defaults: dict, prefix: str = "ADDER_") -> dict:
+    """Return ``defaults`` with each key overridden by the environment variable PREFIX+KEY."""
+    settings = {}
+    for key, default in defaults.items():
+        raw = os.environ.get(prefix + key)
+        if raw is None:
+            settings[key] = default
+        elif isinstance(default, bool):  # bool before int: bool is a subclass of int
+            if raw.strip().lower() not in {"0", "1", "true", "false", "yes", "no"}:
+                raise ValueError(f"{prefix + key}={raw!r}: expected 0/1, true/false or yes/no")
+            settings[key] = raw.strip().lower() in {"1", "true", "yes"}
+        elif default is None or isinstance(default, str):
+            settings[key] = raw
+        else:
+            try:
+                settings[key] = type(default)(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{prefix + key}={raw!r}: expected a {type(default).__name__}"
+                ) from None
+    return settings
+
+
+def choose_device(allow_cpu: bool) -> torch.device:
+    """The CUDA device; the CPU only when explicitly allowed, else a RuntimeError saying what to do."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if allow_cpu:
+        return torch.device("cpu")
+    raise RuntimeError(NO_GPU_MESSAGE)
+
+
+def environment_info(device: torch.device) -> dict:
+    """The machine and software versions a run used, for its run record."""
+    info = {
+        "device_type": device.type,
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        ),
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+# Mean and standard deviation of the MNIST training pixels, scaled to [0, 1].
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+class MNISTAdder(torchvision.datasets.MNIST):
+    """MNIST as ``(image, addend) -> (digit, digit + addend)`` pairs.
+
+    With ``addend_seed=None`` every draw of an image gets a fresh random addend 0-9, so
+    over many epochs each image meets every addend (the training view). With a seed,
+    each image keeps one fixed addend, so an evaluation gives the same numbers every time.
+
+    This is the classic, per-item way to feed a model: clear, and what the benchmark's
+    reference pipeline uses. The notebook's fast path keeps the same data on the GPU instead.
+    """
+
+    def __init__(self, root, train=True, transform=None, download=False, addend_seed=None):
+        super().__init__(root, train=train, transform=transform, download=download)
+        self.addends = None
+        if addend_seed is not None:
+            generator = torch.Generator().manual_seed(addend_seed)
+            self.addends = torch.randint(0, NUM_DIGITS, (len(self.targets),), generator=generator)
+
+    # torchvision looks for files under <root>/<class name>/raw; share MNIST's folder.
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "raw")
+
+    def __getitem__(self, index):
+        image, digit = super().__getitem__(index)
+        if self.addends is None:
+            addend = int(torch.randint(0, NUM_DIGITS, ()))
+        else:
+            addend = int(self.addends[index])
+        return (image, addend), (digit, digit + addend)
+
+
+def load_mnist(root, train: bool, download: bool = True) -> MNISTAdder:
+    """Load one MNIST split through torchvision, with a message that says what to do if it fails."""
+    raw_folder = Path(root) / "MNIST" / "raw"
+    try:
+        return MNISTAdder(root, train=train, download=download)
+    except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
+        how_to_fix = (
+            f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ "
+            "(torchvision verifies their md5 and extracts them), "
+            + (
+                "or give this machine internet access for the download."
+                if download
+                else "or allow the download (download=True, ADDER_DOWNLOAD=1)."
+            )
+        )
+        if raw_folder.exists():
+            how_to_fix += (
+                f" If the files there are damaged, delete {raw_folder} and try again."
+            )
+        raise RuntimeError(f"Could not load MNIST from {raw_folder}: {error}\n{how_to_fix}") from error
+
+
+def split_indices(count: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle ``range(count)`` with ``seed`` and cut it into (train, validation) index tensors."""
+    if not 0 < validation_size < count:
+        raise ValueError(f"validation_size must be between 1 and {count - 1}, got {validation_size}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[validation_size:], order[:validation_size]
+
+
+def seeded_addends(count: int, seed: int) -> torch.Tensor:
+    """``count`` fixed addends 0-9 drawn from ``seed``: the same evaluation pairs every time."""
+    return torch.randint(0, NUM_DIGITS, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """Pixels (N, 28, 28), uint8 0-255 or float 0-1 -> model input (N, 1, 28, 28), standardised
+    with MNIST's statistics."""
+    pixels = images.float() if images.is_floating_point() else images.float() / 255.0
+    return ((pixels - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def all_pairs() -> torch.Tensor:
+    """A (10, 10) bool table, all True: ``table[digit, addend]`` says whether training may show that pair."""
+    return torch.ones(NUM_DIGITS, NUM_DIGITS, dtype=torch.bool)
+
+
+def held_out_pairs(count: int, seed: int) -> list[tuple[int, int]]:
+    """``count`` (digit, addend) pairs to keep out of training, chosen so that every digit,
+    every addend and every sum still appears in training.
+
+    Each digit loses at most one addend and each addend at most one digit (a seeded
+    permutation), and (0, 0) and (9, 9) stay in, being the only pairs that sum to 0 and 18.
+    """
+    if not 0 < count <= NUM_DIGITS:
+        raise ValueError(f"count must be 1 to {NUM_DIGITS}, got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        addend_of = torch.randperm(NUM_DIGITS, generator=generator).tolist()
+        digits = torch.randperm(NUM_DIGITS, generator=generator)[:count].tolist()
+        pairs = sorted((digit, addend_of[digit]) for digit in digits)
+        if (0, 0) not in pairs and (9, 9) not in pairs:
+            return pairs
+
+
+def allowed_pairs_without(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """The (10, 10) table of training pairs with ``pairs`` removed."""
+    allowed = all_pairs()
+    for digit, addend in pairs:
+        allowed[digit, addend] = False
+    return allowed
+
+
+def draw_addends(digits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random addend per digit, uniform over the addends ``allowed`` for that digit."""
+    weights = allowed.to(digits.device)[digits].float()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def random_batches(images, digits, batch_size, generator, allowed=None):
+    """Yield ``(images, addends, digits, sums)`` batches: a fresh shuffle and fresh addends each call.
+
+    Everything stays on the device the tensors live on; the last incomplete batch is dropped
+    so that every step has the same shape (what ``torch.compile`` and CUDA like best).
+    """
+    allowed = all_pairs() if allowed is None else allowed
+    device = images.device
+    order = torch.randperm(len(images), device=device, generator=generator)
+    addends = draw_addends(digits[order], allowed, generator)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        index = order[start : start + batch_size]
+        batch_addends = addends[start : start + batch_size]
+        batch_digits = digits[index]
+        yield images[index], batch_addends, batch_digits, batch_digits + batch_addends
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, max_degrees=10.0, max_shift=2.0):
+    """Random small rotations and shifts of a normalised batch, done on its device.
+
+    No flips: a mirrored 2 or 5 is not a digit. ``max_shift`` is in pixels.
+    """
+    count = len(images)
+    uniform = torch.rand(count, 3, device=images.device, generator=generator) * 2 - 1
+    angle = uniform[:, 0] * math.radians(max_degrees)
+    shift = uniform[:, 1:] * (2 * max_shift / images.shape[-1])  # grid coordinates span 2
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # "border" repeats the edge pixels, which are background, instead of padding with 0,
+    # which after normalisation would be a grey frame.
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """A 3x3 convolution (no bias: batch norm brings its own), batch norm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def straight_through_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """The one-hot of ``argmax(logits)`` in the forward pass, with softmax's gradient backwards."""
+    probabilities = logits.softmax(dim=1)
+    hard = F.one_hot(probabilities.argmax(dim=1), logits.shape[1]).to(probabilities.dtype)
+    return hard + probabilities - probabilities.detach()
+
+
+class AdderNet(nn.Module):
+    """Image -> digit logits (10); (digit reading, addend) -> sum logits (19).
+
+    The image goes through a small convolutional backbone (3x3 conv-BN-ReLU blocks, two
+    max-pools, global average pooling) to 10 digit logits. The sum head never sees pixels:
+    it reads the network's own digit answer, as a one-hot vector, next to the addend's
+    one-hot vector, and a small MLP maps those 20 numbers to 19 sum logits. So the digit
+    cannot depend on the addend, and the sum agrees with the digit once the head has
+    learned to add. The one-hot digit passes the softmax's gradient backwards
+    (straight-through), so the sum loss also trains the backbone.
+    """
+
+    def __init__(self, widths=(8, 16, 20, 24, 32), sum_hidden=16):
+        super().__init__()
+        self.widths = tuple(widths)
+        self.sum_hidden = sum_hidden
+        c1, c2, c3, c4, c5 = self.widths
+        self.backbone = nn.Sequential(
+            conv_bn_relu(1, c1),
+            conv_bn_relu(c1, c2),
+            nn.MaxPool2d(2),  # 28 -> 14
+            conv_bn_relu(c2, c3),
+            conv_bn_relu(c3, c4),
+            nn.MaxPool2d(2),  # 14 -> 7
+            conv_bn_relu(c4, c5),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.digit_head = nn.Linear(c5, NUM_DIGITS)
+        self.sum_head = nn.Sequential(
+            nn.Linear(2 * NUM_DIGITS, sum_hidden), nn.ReLU(inplace=True), nn.Linear(sum_hidden, NUM_SUMS)
+        )
+
+    def config(self) -> dict:
+        """What ``AdderNet(**config)`` needs to rebuild this architecture."""
+        return {"widths": list(self.widths), "sum_hidden": self.sum_hidden}
+
+    def forward(self, images: torch.Tensor, addends: torch.Tensor):
+        digit_logits = self.digit_head(self.backbone(images))
+        digit_code = straight_through_one_hot(digit_logits)
+        addend_code = F.one_hot(addends, NUM_DIGITS).to(digit_code.dtype)
+        sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1))
+        return digit_logits, sum_logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------
+# Training helpers (the loop itself is in the notebook)
+# --------------------------------------------------------------------------------------
+
+
+class EpochMeter:
+    """Sums the loss of an epoch on the device, so the hot loop never waits for the host.
+
+    It also remembers the first batch whose loss was NaN or infinite; ``mean_loss`` reads
+    everything once, at the end of the epoch, and refuses to go on past a non-finite loss.
+    """
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = 0
+        self.first_bad_batch = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, batch_index: int) -> None:
+        loss = loss.detach().float()
+        is_bad = ~torch.isfinite(loss) & (self.first_bad_batch < 0)
+        self.first_bad_batch = torch.where(is_bad, batch_index, self.first_bad_batch)
+        self.loss_sum += loss
+        self.batches += 1
+
+    def mean_loss(self, epoch: int) -> float:
+        """The epoch's mean loss; FloatingPointError naming the epoch and batch if any was not finite."""
+        first_bad = int(self.first_bad_batch)
+        if first_bad >= 0:
+            raise FloatingPointError(
+                f"The training loss became NaN or infinite in epoch {epoch}, batch {first_bad} "
+                "(counting from 0). Training stopped instead of going on with broken weights; "
+                "the last good epoch's checkpoint is kept. Try a lower learning rate."
+            )
+        return float(self.loss_sum) / max(self.batches, 1)
+
+
+def smooth_lr_range_test(record: list[tuple[float, float]], smoothing=0.9):
+    """Smooth an LR range test's (lr, loss) record.
+
+    Returns the lrs, the smoothed losses and a suggested peak LR: one tenth of the LR where
+    the smoothed loss is lowest (past that point training starts to diverge).
+    """
+    lrs, smoothed = [], []
+    average = 0.0
+    for step, (lr, loss) in enumerate(record, start=1):
+        average = smoothing * average + (1 - smoothing) * loss
+        lrs.append(lr)
+        smoothed.append(average / (1 - smoothing**step))  # bias correction, as in Adam
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    return lrs, smoothed, lrs[lowest] / 10
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def accuracy_metrics(digit_pred, sum_pred, digits, sums) -> dict:
+    """Digit, sum and joint accuracy in %. Joint: both outputs right on the same sample."""
+    digit_right = digit_pred == digits
+    sum_right = sum_pred == sums
+    return {
+        "digit_acc": 100.0 * digit_right.float().mean().item(),
+        "sum_acc": 100.0 * sum_right.float().mean().item(),
+        "joint_acc": 100.0 * (digit_right & sum_right).float().mean().item(),
+    }
+
+
+def every_addend(images: torch.Tensor, digits: torch.Tensor):
+    """Pair each image with each addend 0-9: returns (images, addends, digits, sums), 10x as long.
+
+    Pairs are ordered image by image, so ``reshape(-1, 10)`` gives one row per image.
+    """
+    addends = torch.arange(NUM_DIGITS).repeat(len(images))
+    repeated_digits = digits.repeat_interleave(NUM_DIGITS)
+    return images.repeat_interleave(NUM_DIGITS, dim=0), addends, repeated_digits, repeated_digits + addends
+
+
+def accuracy_by_group(correct: torch.Tensor, groups: torch.Tensor, num_groups: int) -> list:
+    """Accuracy in % of ``correct`` within each group 0..num_groups-1 (None for an empty group)."""
+    totals = torch.bincount(groups, minlength=num_groups)
+    rights = torch.bincount(groups, weights=correct.double(), minlength=num_groups)
+    return [None if t == 0 else 100.0 * float(r) / int(t) for r, t in zip(rights, totals)]
+
+
+def confusion_matrix(predicted: torch.Tensor, actual: torch.Tensor, num_classes=NUM_DIGITS) -> torch.Tensor:
+    """``matrix[true, predicted]`` counts."""
+    return torch.bincount(actual * num_classes + predicted, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
+
+
+def sum_accuracy_given_correct_digit(digit_pred, sum_pred, digits, sums) -> float:
+    """Sum accuracy in % over the samples whose digit was read right: the adder alone."""
+    digit_right = digit_pred == digits
+    if not digit_right.any():
+        return float("nan")
+    return 100.0 * (sum_pred[digit_right] == sums[digit_right]).float().mean().item()
+
+
+def consistency(digit_pred, sum_pred, addends) -> float:
+    """How often, in %, the predicted sum equals the predicted digit plus the addend."""
+    return 100.0 * (sum_pred == digit_pred + addends).float().mean().item()
+
+
+def digit_invariance(digit_pred_by_addend: torch.Tensor) -> float:
+    """% of images whose digit prediction is the same for every addend.
+
+    ``digit_pred_by_addend`` is (images, addends): one row per image.
+    """
+    same = (digit_pred_by_addend == digit_pred_by_addend[:, :1]).all(dim=1)
+    return 100.0 * same.float().mean().item()
+
+
+def evaluate_every_addend(model: nn.Module, images, digits, batch_size=10_000) -> dict:
+    """Score each image with each addend 0-9 through ``predict``; return metrics and diagnostics.
+
+    Deterministic: no random addends, and the model in eval mode.
+    """
+    pair_images, addends, pair_digits, pair_sums = every_addend(images, digits)
+    digit_pred, sum_pred = predict(model, pair_images, addends, batch_size=batch_size)
+    digit_right = digit_pred == pair_digits
+    joint_right = digit_right & (sum_pred == pair_sums)
+    oracle_sum_pred = digit_pred + addends  # the digit classifier plus exact arithmetic
+    results = {
+        "images": len(images),
+        "pairs": len(pair_images),
+        **accuracy_metrics(digit_pred, sum_pred, pair_digits, pair_sums),
+        "sum_acc_given_correct_digit": sum_accuracy_given_correct_digit(
+            digit_pred, sum_pred, pair_digits, pair_sums
+        ),
+        "consistency": consistency(digit_pred, sum_pred, addends),
+        "digit_invariance": digit_invariance(digit_pred.reshape(-1, NUM_DIGITS)),
+        "oracle_sum_acc": 100.0 * (oracle_sum_pred == pair_sums).float().mean().item(),
+        "joint_acc_by_addend": accuracy_by_group(joint_right, addends, NUM_DIGITS),
+        "joint_acc_by_sum": accuracy_by_group(joint_right, pair_sums, NUM_SUMS),
+        "pairs_by_sum": torch.bincount(pair_sums, minlength=NUM_SUMS).tolist(),
+        "confusion_matrix": confusion_matrix(digit_pred, pair_digits).div(NUM_DIGITS).long().tolist(),
+    }
+    # One row per image: the digit answer is the same for every addend when invariance is 100%.
+    image_digit_pred = torch.mode(digit_pred.reshape(-1, NUM_DIGITS), dim=1).values
+    results["wrong_images"] = torch.nonzero(image_digit_pred != digits).flatten().tolist()
+    return results
+
+
+def pair_accuracy(model, images, digits, pairs: list[tuple[int, int]]) -> dict:
+    """Digit, sum and joint accuracy over the given (digit, addend) pairs only, each image of
+    such a digit paired with its pair's addend."""
+    pair_images, addends, pair_digits = [], [], []
+    for digit, addend in pairs:
+        chosen = images[digits == digit]
+        pair_images.append(chosen)
+        addends.append(torch.full((len(chosen),), addend))
+        pair_digits.append(torch.full((len(chosen),), digit))
+    pair_images, addends, pair_digits = map(torch.cat, (pair_images, addends, pair_digits))
+    digit_pred, sum_pred = predict(model, pair_images, addends)
+    results = accuracy_metrics(digit_pred, sum_pred, pair_digits, pair_digits + addends)
+    results["sum_acc_given_correct_digit"] = sum_accuracy_given_correct_digit(
+        digit_pred, sum_pred, pair_digits, pair_digits + addends
+    )
+    results["samples"] = len(pair_images)
+    return results
+
+
+@torch.no_grad()
+def adder_table(model: AdderNet) -> torch.Tensor:
+    """The sum head's answer for every exact (digit, addend) pair of one-hot codes: a (10, 10)
+    table whose entry [digit, addend] should be digit + addend. It shows what the head learned,
+    apart from how well the backbone reads digits.
+    """
+    device = next(model.parameters()).device
+    digits, addends = torch.meshgrid(torch.arange(NUM_DIGITS), torch.arange(NUM_DIGITS), indexing="ij")
+    codes = torch.cat(
+        [F.one_hot(digits.flatten(), NUM_DIGITS), F.one_hot(addends.flatten(), NUM_DIGITS)], dim=1
+    ).float()
+    was_training = model.training
+    model.eval()
+    try:
+        return model.sum_head(codes.to(device)).argmax(dim=1).reshape(NUM_DIGITS, NUM_DIGITS).cpu()
+    finally:
+        model.train(was_training)
+
+
+# The final test metrics compared across seeds.
+SEED_METRICS = (
+    "digit_acc",
+    "sum_acc",
+    "joint_acc",
+    "sum_acc_given_correct_digit",
+    "consistency",
+    "digit_invariance",
+)
+
+
+def summarize_runs(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max of one metric over several runs."""
+    array = np.asarray(values, dtype=float)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "runs": len(array),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Plotting
+# --------------------------------------------------------------------------------------
+
+
+def plot_history(history: list[dict]):
+    """Training loss and validation accuracies per epoch, side by side."""
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
+    loss_axis.plot(epochs, [row["loss"] for row in history], marker="o")
+    loss_axis.set(xlabel="epoch", ylabel="training loss (digit CE + sum CE)", title="Training loss")
+    for key, label in [("digit_acc", "digit"), ("sum_acc", "sum"), ("joint_acc", "joint")]:
+        acc_axis.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    acc_axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    acc_axis.set_ylim(max(90.0, min(row["joint_acc"] for row in history) - 0.5), 100)
+    acc_axis.legend()
+    for axis in (loss_axis, acc_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_lr_range_test(lrs, smoothed_losses, chosen_lr):
+    """Loss against learning rate (log scale), with the chosen peak LR marked."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    axis.plot(lrs, smoothed_losses)
+    axis.axvline(chosen_lr, color="tab:red", linestyle="--", label=f"peak LR {chosen_lr:.3g}")
+    axis.set_xscale("log")
+    top = smoothed_losses[0] * 1.5
+    axis.set_ylim(min(smoothed_losses) * 0.9, top)
+    axis.set(xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_predictions(images, addends, digit_pred, sum_pred, digits, columns=8, title=None):
+    """A grid of images, each titled 'digit + addend = sum' as predicted; wrong answers in red.
+
+    ``images`` are raw uint8 (N, 28, 28); the other arguments are length-N integer tensors.
+    """
+    import matplotlib.pyplot as plt
+
+    count = len(images)
+    rows = max(1, math.ceil(count / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.75 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= count:
+            continue
+        digit, addend = int(digits[index]), int(addends[index])
+        got_digit, got_sum = int(digit_pred[index]), int(sum_pred[index])
+        right = got_digit == digit and got_sum == digit + addend
+        axis.imshow(images[index], cmap="gray_r")
+        label = f"{got_digit}+{addend}={got_sum}"
+        if not right:
+            label += f"\ntrue {digit}+{addend}={digit + addend}"
+        axis.set_title(label, fontsize=9, color="black" if right else "tab:red")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_confusion_matrix(matrix):
+    """The 10x10 digit confusion matrix, counts written in the cells (log colour scale)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    matrix = np.asarray(matrix)
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.imshow(matrix + 1, cmap="Blues", norm=LogNorm())
+    for true in range(matrix.shape[0]):
+        for predicted in range(matrix.shape[1]):
+            count = matrix[true, predicted]
+            if count:
+                color = "white" if true == predicted else "black"
+                axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=color)
+    axis.set(
+        xlabel="predicted digit",
+        ylabel="true digit",
+        xticks=range(NUM_DIGITS),
+        yticks=range(NUM_DIGITS),
+        title="Test digit confusion matrix",
+    )
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and inference
+# --------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "mnist-adder"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path) -> dict:
+    """``torch.load`` with ``weights_only=True`` (no code runs from the file), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: not a checkpoint")
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, garbage, or a pickle that needs code to load
+        raise ValueError(
+            f"{path} is not a readable weights-only checkpoint (truncated, damaged, or not "
+            f"saved by this project): {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        ) from error
+    if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an MNIST Adder checkpoint")
+    if contents.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {contents.get('version')!r}; "
+            f"this code reads version {CHECKPOINT_VERSION}"
+        )
+    return contents
+
+
+def save_checkpoint(model: AdderNet, path, metadata: dict | None = None) -> None:
+    """Save the model's weights with what is needed to rebuild and describe it."""
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "kind": "model",
+            "model_config": model.config(),
+            "parameter_count": count_parameters(model),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metadata": metadata or {},
+        },
+        path,
+    )
+
+
+def load_checkpoint(path, device="cpu") -> AdderNet:
+    """Rebuild the model saved by ``save_checkpoint``, on ``device``, in eval mode."""
+    contents = safe_load(path)
+    if contents.get("kind") != "model":
+        raise ValueError(f"{path} is a {contents.get('kind')!r} checkpoint, not a model checkpoint")
+    try:
+        model = AdderNet(**contents["model_config"])
+        model.load_state_dict(contents["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"{path} holds weights of a different model: {str(error).splitlines()[0][:300]}"
+        ) from error
+    return model.to(device).eval()
+
+
+def save_training_state(path, state: dict) -> None:
+    """Save a resumable training state (model, optimizer, scheduler, RNG, epoch, history)."""
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "training", **state}, path)
+
+
+def load_training_state(path) -> dict:
+    """Load what ``save_training_state`` saved."""
+    contents = safe_load(path)
+    if contents.get("kind") != "training":
+        raise ValueError(f"{path} is a {contents.get('kind')!r} checkpoint, not a training state")
+    return contents
+
+
+def _as_image_batch(images) -> torch.Tensor:
+    """Check raw images and return them as a float (N, 1, 28, 28) tensor in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        if images.dtype == object or not (
+            np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+        ):
+            raise TypeError(f"images must hold numbers, got a numpy array of {images.dtype}")
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    elif not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
+    if images.dtype == torch.bool or images.is_complex():
+        raise TypeError(f"images must be uint8 pixels or floats in [0, 1], got {images.dtype}")
+    if images.ndim == 2:
+        images = images.unsqueeze(0)
+    if images.ndim == 4:
+        if images.shape[1] != 1:
+            raise ValueError(
+                f"images must have one (grey) channel, got {images.shape[1]} channels in shape "
+                f"{tuple(images.shape)}"
+            )
+        images = images.squeeze(1)
+    if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
+        raise ValueError(
+            f"images must be 28x28, Nx28x28 or Nx1x28x28, got shape {tuple(images.shape)}"
+        )
+    if len(images) == 0:
+        raise ValueError("images is empty")
+    if images.is_floating_point():
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError(
+                f"float images must lie in [0, 1], got values from {float(images.min()):.3g} to "
+                f"{float(images.max()):.3g}; pass uint8 pixels 0-255 or divide by 255"
+            )
+        return images.float()
+    if images.min() < 0 or images.max() > 255:
+        raise ValueError("integer images must be pixels 0-255")
+    return images.float() / 255.0
+
+
+def _as_addends(addends, count: int) -> torch.Tensor:
+    """Check addends (an int or a sequence of ints 0-9) and return an int64 tensor of length ``count``."""
+    if isinstance(addends, (bool, np.bool_)):
+        raise TypeError("addends must be integers 0-9, got a bool")
+    if isinstance(addends, (int, np.integer)):
+        addends = torch.full((count,), int(addends), dtype=torch.long)
+    else:
+        if isinstance(addends, (list, tuple)):
+            if any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in addends):
+                bad = next(a for a in addends if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)))
+                raise TypeError(f"addends must be integers 0-9, got {bad!r}")
+            addends = torch.tensor(addends, dtype=torch.long)
+        elif isinstance(addends, np.ndarray):
+            if not np.issubdtype(addends.dtype, np.integer):
+                raise TypeError(f"addends must be integers 0-9, got a numpy array of {addends.dtype}")
+            addends = torch.from_numpy(addends.astype(np.int64))
+        elif isinstance(addends, torch.Tensor):
+            if addends.is_floating_point() or addends.is_complex() or addends.dtype == torch.bool:
+                raise TypeError(f"addends must be integers 0-9, got a tensor of {addends.dtype}")
+            addends = addends.long()
+        else:
+            raise TypeError(
+                f"addends must be an int or a sequence of ints 0-9, got {type(addends).__name__}"
+            )
+        addends = addends.reshape(-1) if addends.ndim == 0 else addends
+        if addends.ndim != 1:
+            raise ValueError(f"addends must be one-dimensional, got shape {tuple(addends.shape)}")
+        if len(addends) != count:
+            raise ValueError(f"got {len(addends)} addends for {count} images")
+    if len(addends) and (addends.min() < 0 or addends.max() > 9):
+        raise ValueError(f"addends must be 0-9, got values from {int(addends.min())} to {int(addends.max())}")
+    return addends.cpu()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images, addends, batch_size: int = 10_000):
+    """Read the digit and add the addend: returns ``(digits, sums)``, int64 tensors of shape (N,).
+
+    ``images``: one 28x28 image or an Nx28x28 batch (Nx1x28x28 too), numpy or torch, as uint8
+    pixels 0-255 or floats in [0, 1]. ``addends``: an int or a sequence of N ints 0-9.
+    Bad input raises TypeError or ValueError naming the problem.
+    """
+    pixels = _as_image_batch(images)
+    addends = _as_addends(addends, len(pixels))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    digit_batches, sum_batches = [], []
+    try:
+        for start in range(0, len(pixels), batch_size):
+            batch = normalize_images(pixels[start : start + batch_size].to(device))
+            digit_logits, sum_logits = model(batch, addends[start : start + batch_size].to(device))
+            digit_batches.append(digit_logits.argmax(dim=1).cpu())
+            sum_batches.append(sum_logits.argmax(dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(digit_batches), torch.cat(sum_batches)
+
+
+def write_json(path, data) -> None:
+    """Write ``data`` as indented JSON (creating folders as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
