@@ -153,15 +153,18 @@ def load_mnist(root, train: bool, download: bool = True) -> MNISTAdder:
     try:
         return MNISTAdder(root, train=train, download=download)
     except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
-        how_to_fix = (
-            f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ "
-            "(torchvision verifies their md5 and extracts them), "
-            + (
-                "or give this machine internet access for the download."
-                if download
-                else "or allow the download (download=True, ADDER_DOWNLOAD=1)."
+        if download:
+            how_to_fix = (
+                f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ and run "
+                "again: torchvision checks their md5 and extracts them without going online. "
+                "Or give this machine internet access for the download."
             )
-        )
+        else:
+            how_to_fix = (
+                f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ and "
+                "allow the download step (download=True, ADDER_DOWNLOAD=1): it extracts files "
+                "that are already there, after checking their md5, and downloads only missing ones."
+            )
         if raw_folder.exists():
             how_to_fix += (
                 f" If the files there are damaged, delete {raw_folder} and try again."
@@ -199,7 +202,8 @@ def held_out_pairs(count: int, seed: int) -> list[tuple[int, int]]:
     every addend and every sum still appears in training.
 
     Each digit loses at most one addend and each addend at most one digit (a seeded
-    permutation), and (0, 0) and (9, 9) stay in, being the only pairs that sum to 0 and 18.
+    permutation), and no sum loses all of its pairs: (0, 0) and (9, 9), the only pairs that
+    sum to 0 and 18, always stay in.
     """
     if not 0 < count <= NUM_DIGITS:
         raise ValueError(f"count must be 1 to {NUM_DIGITS}, got {count}")
@@ -208,7 +212,8 @@ def held_out_pairs(count: int, seed: int) -> list[tuple[int, int]]:
         addend_of = torch.randperm(NUM_DIGITS, generator=generator).tolist()
         digits = torch.randperm(NUM_DIGITS, generator=generator)[:count].tolist()
         pairs = sorted((digit, addend_of[digit]) for digit in digits)
-        if (0, 0) not in pairs and (9, 9) not in pairs:
+        sums_left = {d + a for d in range(NUM_DIGITS) for a in range(NUM_DIGITS) if (d, a) not in pairs}
+        if len(sums_left) == NUM_SUMS:
             return pairs
 
 
@@ -276,23 +281,16 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def straight_through_one_hot(logits: torch.Tensor) -> torch.Tensor:
-    """The one-hot of ``argmax(logits)`` in the forward pass, with softmax's gradient backwards."""
-    probabilities = logits.softmax(dim=1)
-    hard = F.one_hot(probabilities.argmax(dim=1), logits.shape[1]).to(probabilities.dtype)
-    return hard + probabilities - probabilities.detach()
-
-
 class AdderNet(nn.Module):
-    """Image -> digit logits (10); (digit reading, addend) -> sum logits (19).
+    """Image -> digit logits (10); (digit answer, addend) -> sum logits (19).
 
     The image goes through a small convolutional backbone (3x3 conv-BN-ReLU blocks, two
     max-pools, global average pooling) to 10 digit logits. The sum head never sees pixels:
     it reads the network's own digit answer, as a one-hot vector, next to the addend's
     one-hot vector, and a small MLP maps those 20 numbers to 19 sum logits. So the digit
     cannot depend on the addend, and the sum agrees with the digit once the head has
-    learned to add. The one-hot digit passes the softmax's gradient backwards
-    (straight-through), so the sum loss also trains the backbone.
+    learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
+    loss trains the sum head.
     """
 
     def __init__(self, widths=(8, 16, 20, 24, 32), sum_hidden=16):
@@ -322,9 +320,9 @@ class AdderNet(nn.Module):
 
     def forward(self, images: torch.Tensor, addends: torch.Tensor):
         digit_logits = self.digit_head(self.backbone(images))
-        digit_code = straight_through_one_hot(digit_logits)
-        addend_code = F.one_hot(addends, NUM_DIGITS).to(digit_code.dtype)
-        sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1))
+        digit_code = F.one_hot(digit_logits.argmax(dim=1), NUM_DIGITS)
+        addend_code = F.one_hot(addends, NUM_DIGITS)
+        sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1).to(digit_logits.dtype))
         return digit_logits, sum_logits
 
 
@@ -470,10 +468,10 @@ def evaluate_every_addend(model: nn.Module, images, digits, batch_size=10_000) -
         "joint_acc_by_addend": accuracy_by_group(joint_right, addends, NUM_DIGITS),
         "joint_acc_by_sum": accuracy_by_group(joint_right, pair_sums, NUM_SUMS),
         "pairs_by_sum": torch.bincount(pair_sums, minlength=NUM_SUMS).tolist(),
-        "confusion_matrix": confusion_matrix(digit_pred, pair_digits).div(NUM_DIGITS).long().tolist(),
     }
-    # One row per image: the digit answer is the same for every addend when invariance is 100%.
+    # One answer per image: the most common over its 10 addends (all the same at 100% invariance).
     image_digit_pred = torch.mode(digit_pred.reshape(-1, NUM_DIGITS), dim=1).values
+    results["confusion_matrix"] = confusion_matrix(image_digit_pred, digits).tolist()
     results["wrong_images"] = torch.nonzero(image_digit_pred != digits).flatten().tolist()
     return results
 
@@ -555,7 +553,7 @@ def plot_history(history: list[dict]):
     for key, label in [("digit_acc", "digit"), ("sum_acc", "sum"), ("joint_acc", "joint")]:
         acc_axis.plot(epochs, [row[key] for row in history], marker="o", label=label)
     acc_axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
-    acc_axis.set_ylim(max(90.0, min(row["joint_acc"] for row in history) - 0.5), 100)
+    acc_axis.set_ylim(max(0.0, min(row["joint_acc"] for row in history) - 0.5), 100)
     acc_axis.legend()
     for axis in (loss_axis, acc_axis):
         axis.grid(alpha=0.3)
@@ -597,7 +595,7 @@ def plot_predictions(images, addends, digit_pred, sum_pred, digits, columns=8, t
         digit, addend = int(digits[index]), int(addends[index])
         got_digit, got_sum = int(digit_pred[index]), int(sum_pred[index])
         right = got_digit == digit and got_sum == digit + addend
-        axis.imshow(images[index], cmap="gray_r")
+        axis.imshow(np.asarray(images[index]), cmap="gray_r")
         label = f"{got_digit}+{addend}={got_sum}"
         if not right:
             label += f"\ntrue {digit}+{addend}={digit + addend}"
@@ -646,6 +644,7 @@ def atomic_save(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; a checkpoint is an ordinary file
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
@@ -768,36 +767,39 @@ def _as_image_batch(images) -> torch.Tensor:
 
 def _as_addends(addends, count: int) -> torch.Tensor:
     """Check addends (an int or a sequence of ints 0-9) and return an int64 tensor of length ``count``."""
+
+    def refuse(what):
+        raise TypeError(f"addends must be an int or a sequence of ints 0-9, got {what}")
+
     if isinstance(addends, (bool, np.bool_)):
-        raise TypeError("addends must be integers 0-9, got a bool")
+        refuse(f"the bool {addends!r}")
     if isinstance(addends, (int, np.integer)):
-        addends = torch.full((count,), int(addends), dtype=torch.long)
+        addends = torch.tensor(int(addends))
+    elif isinstance(addends, (list, tuple)):
+        for addend in addends:
+            if isinstance(addend, (bool, np.bool_)) or not isinstance(addend, (int, np.integer)):
+                refuse(f"{addend!r} in the sequence")
+        addends = torch.tensor([int(addend) for addend in addends], dtype=torch.long)
+    elif isinstance(addends, np.ndarray):
+        if not np.issubdtype(addends.dtype, np.integer):
+            refuse(f"a numpy array of {addends.dtype}")
+        addends = torch.from_numpy(addends.astype(np.int64))
+    elif isinstance(addends, torch.Tensor):
+        if addends.is_floating_point() or addends.is_complex() or addends.dtype == torch.bool:
+            refuse(f"a tensor of {addends.dtype}")
+        addends = addends.long().cpu()
     else:
-        if isinstance(addends, (list, tuple)):
-            if any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in addends):
-                bad = next(a for a in addends if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)))
-                raise TypeError(f"addends must be integers 0-9, got {bad!r}")
-            addends = torch.tensor(addends, dtype=torch.long)
-        elif isinstance(addends, np.ndarray):
-            if not np.issubdtype(addends.dtype, np.integer):
-                raise TypeError(f"addends must be integers 0-9, got a numpy array of {addends.dtype}")
-            addends = torch.from_numpy(addends.astype(np.int64))
-        elif isinstance(addends, torch.Tensor):
-            if addends.is_floating_point() or addends.is_complex() or addends.dtype == torch.bool:
-                raise TypeError(f"addends must be integers 0-9, got a tensor of {addends.dtype}")
-            addends = addends.long()
-        else:
-            raise TypeError(
-                f"addends must be an int or a sequence of ints 0-9, got {type(addends).__name__}"
-            )
-        addends = addends.reshape(-1) if addends.ndim == 0 else addends
-        if addends.ndim != 1:
-            raise ValueError(f"addends must be one-dimensional, got shape {tuple(addends.shape)}")
-        if len(addends) != count:
-            raise ValueError(f"got {len(addends)} addends for {count} images")
-    if len(addends) and (addends.min() < 0 or addends.max() > 9):
+        refuse(f"{type(addends).__name__} {addends!r}")
+
+    if addends.ndim == 0:  # one addend for every image
+        addends = addends.expand(count)
+    if addends.ndim != 1:
+        raise ValueError(f"addends must be one-dimensional, got shape {tuple(addends.shape)}")
+    if len(addends) != count:
+        raise ValueError(f"got {len(addends)} addends for {count} images")
+    if addends.min() < 0 or addends.max() > 9:
         raise ValueError(f"addends must be 0-9, got values from {int(addends.min())} to {int(addends.max())}")
-    return addends.cpu()
+    return addends
 
 
 @torch.no_grad()

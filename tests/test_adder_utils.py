@@ -1,0 +1,1085 @@
+"""Tests for adder_utils, in the module's order: setup, data, model, training helpers,
+evaluation, plotting, checkpoints and inference.
+
+Everything here is small enough for a busy 2-core CPU: tiny tensors, untrained models, and
+MNIST read once per session (see conftest.py).
+"""
+
+import json
+import math
+import os
+import pickle
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.colors import to_rgba
+from torch import nn
+
+import adder_utils as au
+
+
+def id_images(count):
+    """uint8 images (count, 28, 28), all black except pixel (0, 0), which holds the image's index."""
+    images = torch.zeros(count, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0] = torch.arange(count, dtype=torch.uint8)
+    return images
+
+
+class ScriptedModel(nn.Module):
+    """AdderNet's forward signature with outputs we choose: it reads the image's index from
+    pixel (0, 0) (see ``id_images``) and answers ``digit_table[index, addend]`` and
+    ``sum_table[index, addend]``."""
+
+    def __init__(self, digit_table, sum_table):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # predict() finds the device through a parameter
+        self.register_buffer("digit_table", torch.as_tensor(digit_table))
+        self.register_buffer("sum_table", torch.as_tensor(sum_table))
+
+    def forward(self, images, addends):
+        pixels = images[:, 0, 0, 0] * au.MNIST_STD + au.MNIST_MEAN  # undo normalize_images
+        index = torch.round(pixels * 255).long()
+        digit_logits = F.one_hot(self.digit_table[index, addends], au.NUM_DIGITS).float()
+        sum_logits = F.one_hot(self.sum_table[index, addends], au.NUM_SUMS).float()
+        return digit_logits + self.anchor, sum_logits + self.anchor
+
+
+def exact_adder_tables(digits):
+    """Tables for ScriptedModel that read every digit right and add exactly."""
+    digits = torch.as_tensor(digits)
+    digit_table = digits[:, None].expand(-1, 10).clone()
+    return digit_table, digit_table + torch.arange(10)
+
+
+@pytest.fixture
+def model():
+    """An untrained AdderNet whose batch-norm statistics are not the defaults, in eval mode."""
+    torch.manual_seed(0)
+    net = au.AdderNet()
+    with torch.no_grad():
+        net(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))  # moves the running stats
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------
+
+SETTINGS = {"EPOCHS": 20, "MAX_LR": 0.2, "COMPILE": True, "DATA_ROOT": "data", "NOTE": None}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in SETTINGS:
+        monkeypatch.delenv("ADDER_" + key, raising=False)
+        monkeypatch.delenv("TEST_" + key, raising=False)
+    return monkeypatch
+
+
+def test_settings_from_env_keeps_defaults_without_variables(clean_env):
+    assert au.settings_from_env(SETTINGS) == SETTINGS
+
+
+def test_settings_from_env_overrides_with_the_defaults_types(clean_env):
+    clean_env.setenv("ADDER_EPOCHS", "3")
+    clean_env.setenv("ADDER_MAX_LR", "0.05")
+    clean_env.setenv("ADDER_COMPILE", "no")
+    clean_env.setenv("ADDER_DATA_ROOT", "/somewhere/else")
+    clean_env.setenv("ADDER_NOTE", "hello")
+    settings = au.settings_from_env(SETTINGS)
+    assert settings == {"EPOCHS": 3, "MAX_LR": 0.05, "COMPILE": False, "DATA_ROOT": "/somewhere/else", "NOTE": "hello"}
+    assert type(settings["EPOCHS"]) is int and type(settings["MAX_LR"]) is float
+    assert settings["COMPILE"] is False
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("1", True), ("true", True), ("YES", True), (" True ", True), ("0", False), ("False", False), ("no", False)],
+)
+def test_settings_from_env_reads_bools(clean_env, raw, expected):
+    clean_env.setenv("ADDER_COMPILE", raw)
+    assert au.settings_from_env(SETTINGS)["COMPILE"] is expected
+
+
+def test_settings_from_env_uses_the_prefix(clean_env):
+    clean_env.setenv("ADDER_EPOCHS", "5")
+    clean_env.setenv("TEST_EPOCHS", "7")
+    assert au.settings_from_env(SETTINGS, prefix="TEST_")["EPOCHS"] == 7
+
+
+@pytest.mark.parametrize(
+    "key, raw", [("EPOCHS", "3.5"), ("EPOCHS", "many"), ("MAX_LR", "fast"), ("COMPILE", "maybe"), ("COMPILE", "2")]
+)
+def test_settings_from_env_bad_value_names_the_variable(clean_env, key, raw):
+    clean_env.setenv("ADDER_" + key, raw)
+    with pytest.raises(ValueError, match=f"ADDER_{key}={raw!r}"):
+        au.settings_from_env(SETTINGS)
+
+
+def test_choose_device_without_gpu_says_how_to_get_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError) as raised:
+        au.choose_device(allow_cpu=False)
+    message = str(raised.value)
+    assert "Runtime" in message and "GPU" in message  # Colab: Runtime > Change runtime type > GPU
+    assert "ADDER_ALLOW_CPU" in message
+
+
+def test_choose_device_allows_cpu_when_asked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert au.choose_device(allow_cpu=True) == torch.device("cpu")
+
+
+def test_environment_info_is_plain_data(tmp_path):
+    info = au.environment_info(torch.device("cpu"))
+    assert info["device_type"] == "cpu"
+    for key in ("device_name", "cpu", "python", "torch", "torchvision", "numpy"):
+        assert type(info[key]) is str and info[key], key  # str itself, not torch's TorchVersion
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cpu_threads"], int) and info["cpu_threads"] >= 1
+    assert json.loads(json.dumps(info)) == info
+    torch.save(info, tmp_path / "info.pt")
+    assert torch.load(tmp_path / "info.pt", weights_only=True) == info
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def test_mnist_adder_targets_are_digit_and_sum(mnist_test):
+    torch.manual_seed(0)
+    for index in range(30):
+        (image, addend), (digit, total) = mnist_test[index]
+        assert image.size == (28, 28)
+        assert digit == int(mnist_test.targets[index])
+        assert 0 <= addend <= 9
+        assert total == digit + addend
+        assert 0 <= total <= 18
+
+
+def test_mnist_adder_fresh_addends_vary_between_draws(mnist_test):
+    torch.manual_seed(0)
+    addends = {mnist_test[0][0][1] for _ in range(50)}
+    assert len(addends) > 1
+
+
+def test_mnist_adder_seeded_addends_are_fixed_and_shared(data_root):
+    first = au.MNISTAdder(data_root, train=False, addend_seed=7)
+    second = au.MNISTAdder(data_root, train=False, addend_seed=7)
+    other_seed = au.MNISTAdder(data_root, train=False, addend_seed=8)
+    assert torch.equal(first.addends, second.addends)
+    assert not torch.equal(first.addends, other_seed.addends)
+    assert set(first.addends.tolist()) == set(range(10))
+    for index in range(10):
+        draws = {first[index][0][1] for _ in range(5)}
+        assert draws == {int(first.addends[index])}
+        assert second[index][1] == first[index][1]
+
+
+def test_mnist_adder_raw_folder_is_shared_with_mnist(mnist_test, data_root):
+    assert mnist_test.raw_folder == os.path.join(str(data_root), "MNIST", "raw")
+
+
+def assert_says_how_to_fix(message, raw_folder):
+    assert str(raw_folder) in message
+    for name in au.MNIST_FILES:
+        assert name in message
+    assert "download=True" in message and "ADDER_DOWNLOAD=1" in message
+
+
+def test_load_mnist_missing_folder_says_what_to_do(tmp_path):
+    with pytest.raises(RuntimeError) as raised:
+        au.load_mnist(tmp_path / "nowhere", train=False, download=False)
+    assert_says_how_to_fix(str(raised.value), tmp_path / "nowhere" / "MNIST" / "raw")
+
+
+def test_load_mnist_damaged_file_says_what_to_do(raw_copy):
+    root = raw_copy("t10k-labels-idx1-ubyte")
+    raw = root / "MNIST" / "raw"
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"")  # present, so torchvision goes on to read the test split
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"this is not an idx file" * 100)
+    with pytest.raises(RuntimeError) as raised:
+        au.load_mnist(root, train=False, download=False)
+    message = str(raised.value)
+    assert_says_how_to_fix(message, raw)
+    assert "damaged" in message and f"delete {raw}" in message
+
+
+def test_load_mnist_advice_works_offline(raw_copy):
+    """With only the .gz files there and download=False, the message says to allow the download
+    step; doing just that loads MNIST from those files, without going online."""
+    root = raw_copy(*au.MNIST_FILES)
+    with pytest.raises(RuntimeError, match=r"download=True"):
+        au.load_mnist(root, train=False, download=False)
+    dataset = au.load_mnist(root, train=False, download=True)
+    assert len(dataset) == 10_000
+
+
+def test_split_indices_sizes_disjoint_and_complete():
+    train, validation = au.split_indices(100, 15, seed=0)
+    assert len(train) == 85 and len(validation) == 15
+    assert set(train.tolist()).isdisjoint(validation.tolist())
+    assert sorted(train.tolist() + validation.tolist()) == list(range(100))
+    assert train.tolist() != list(range(15, 100))  # shuffled, not cut in order
+
+
+def test_split_indices_is_deterministic():
+    first, second = au.split_indices(100, 15, seed=3), au.split_indices(100, 15, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[1], au.split_indices(100, 15, seed=4)[1])
+
+
+@pytest.mark.parametrize("validation_size", [0, 100, -1])
+def test_split_indices_rejects_impossible_sizes(validation_size):
+    with pytest.raises(ValueError, match="validation_size"):
+        au.split_indices(100, validation_size, seed=0)
+
+
+def test_seeded_addends_are_deterministic_digits():
+    addends = au.seeded_addends(1000, seed=1)
+    assert addends.dtype == torch.int64 and addends.shape == (1000,)
+    assert torch.equal(addends, au.seeded_addends(1000, seed=1))
+    assert not torch.equal(addends, au.seeded_addends(1000, seed=2))
+    assert set(addends.tolist()) == set(range(10))
+
+
+def test_normalize_images_shape_dtype_and_scale():
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    normalized = au.normalize_images(pixels)
+    assert normalized.shape == (5, 1, 28, 28) and normalized.dtype == torch.float32
+    assert torch.allclose(normalized, au.normalize_images(pixels.float() / 255), atol=1e-6)
+    assert torch.allclose(normalized[0, 0, 0, 0], (pixels[0, 0, 0] / 255 - au.MNIST_MEAN) / au.MNIST_STD)
+
+
+def test_normalize_images_standardises_mnist(test_images):
+    images, _ = test_images
+    normalized = au.normalize_images(images)
+    assert abs(normalized.mean().item()) < 0.1
+    assert abs(normalized.std().item() - 1) < 0.1
+
+
+def test_held_out_pairs_shape_of_the_choice():
+    for count in range(1, 11):
+        pairs = au.held_out_pairs(count, seed=count)
+        assert len(pairs) == count == len(set(pairs))
+        digits, addends = zip(*pairs)
+        assert len(set(digits)) == count and len(set(addends)) == count  # each at most once
+        assert all(0 <= value <= 9 for value in digits + addends)
+        assert (0, 0) not in pairs and (9, 9) not in pairs
+        assert pairs == sorted(pairs)
+
+
+def test_held_out_pairs_is_deterministic():
+    assert au.held_out_pairs(10, seed=0) == au.held_out_pairs(10, seed=0)
+    assert au.held_out_pairs(10, seed=0) != au.held_out_pairs(10, seed=1)
+
+
+@pytest.mark.parametrize("count", [0, 11])
+def test_held_out_pairs_rejects_bad_counts(count):
+    with pytest.raises(ValueError, match="count"):
+        au.held_out_pairs(count, seed=0)
+
+
+def test_held_out_pairs_keep_every_digit_addend_and_sum_in_training():
+    """The docstring's promise, for every count and many seeds: what is left still shows
+    every digit, every addend and every sum 0-18."""
+    failures = []
+    for count in range(1, 11):
+        for seed in range(200):
+            pairs = au.held_out_pairs(count, seed)
+            allowed = au.allowed_pairs_without(pairs)
+            kept = [(d, a) for d in range(10) for a in range(10) if allowed[d, a]]
+            if (
+                {d for d, _ in kept} != set(range(10))
+                or {a for _, a in kept} != set(range(10))
+                or {d + a for d, a in kept} != set(range(19))
+            ):
+                failures.append((count, seed, pairs))
+    assert not failures, f"{len(failures)} choices lose a sum, e.g. count, seed, pairs = {failures[0]}"
+
+
+def test_allowed_pairs_without_removes_exactly_those_pairs():
+    allowed = au.allowed_pairs_without([(3, 5), (7, 0)])
+    assert allowed.shape == (10, 10) and allowed.dtype == torch.bool
+    assert not allowed[3, 5] and not allowed[7, 0]
+    assert allowed.sum() == 98
+    assert au.all_pairs().all()
+
+
+def test_draw_addends_never_draws_a_held_out_pair_and_is_uniform_otherwise():
+    allowed = au.allowed_pairs_without([(3, 5)])
+    digits = torch.tensor([3, 4]).repeat(4500)
+    addends = au.draw_addends(digits, allowed, torch.Generator().manual_seed(0))
+    assert addends.shape == digits.shape and addends.dtype == torch.int64
+    for digit, banned in [(3, 5), (4, None)]:
+        counts = torch.bincount(addends[digits == digit], minlength=10)
+        expected = 4500 / (9 if banned is not None else 10)
+        for addend in range(10):
+            if addend == banned:
+                assert counts[addend] == 0
+            else:
+                assert abs(counts[addend] - expected) < 0.15 * expected, (digit, counts.tolist())
+
+
+def index_images(count):
+    """Float (count, 1, 28, 28) images filled with their own index, so a batch tells where it came from."""
+    return torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+
+
+def test_random_batches_shapes_sums_and_drop_last():
+    images, digits = index_images(50), torch.arange(50) % 10
+    batches = list(au.random_batches(images, digits, 8, torch.Generator().manual_seed(0)))
+    assert len(batches) == 6  # 50 // 8; the last 2 images are dropped
+    seen = []
+    for batch_images, addends, batch_digits, sums in batches:
+        assert batch_images.shape == (8, 1, 28, 28)
+        assert addends.shape == batch_digits.shape == sums.shape == (8,)
+        assert addends.min() >= 0 and addends.max() <= 9
+        assert torch.equal(sums, batch_digits + addends)
+        source = batch_images[:, 0, 0, 0].long()
+        assert torch.equal(batch_digits, digits[source])  # each image keeps its own digit
+        seen += source.tolist()
+    assert len(seen) == len(set(seen)) == 48  # no image twice in an epoch
+
+
+def test_random_batches_respects_the_allowed_table():
+    allowed = au.allowed_pairs_without([(d, (d + 3) % 10) for d in range(10)])
+    images, digits = index_images(200), torch.arange(200) % 10
+    generator = torch.Generator().manual_seed(0)
+    pairs = set()
+    for _ in range(5):
+        for _, addends, batch_digits, _ in au.random_batches(images, digits, 20, generator, allowed):
+            pairs |= set(zip(batch_digits.tolist(), addends.tolist()))
+    assert pairs and all(allowed[d, a] for d, a in pairs)
+    assert len(pairs) > 80  # the other pairs still appear
+
+
+def test_random_batches_deterministic_for_a_seeded_generator():
+    images, digits = index_images(40), torch.arange(40) % 10
+
+    def epoch(seed):
+        return [t for batch in au.random_batches(images, digits, 8, torch.Generator().manual_seed(seed)) for t in batch]
+
+    assert all(torch.equal(a, b) for a, b in zip(epoch(1), epoch(1)))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch(1), epoch(2)))
+
+
+def test_augment_keeps_shape_and_dtype_and_moves_pixels(test_images):
+    images = au.normalize_images(test_images[0][:8])
+    augmented = au.augment(images, torch.Generator().manual_seed(0))
+    assert augmented.shape == images.shape and augmented.dtype == images.dtype
+    assert not torch.allclose(augmented, images, atol=1e-3)
+    again = au.augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(augmented, again)
+
+
+def test_augment_without_rotation_or_shift_is_the_identity(test_images):
+    images = au.normalize_images(test_images[0][:8])
+    same = au.augment(images, torch.Generator().manual_seed(0), max_degrees=0.0, max_shift=0.0)
+    assert torch.allclose(same, images, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def test_adder_net_output_shapes(model):
+    digit_logits, sum_logits = model(torch.randn(5, 1, 28, 28), torch.tensor([0, 1, 2, 9, 4]))
+    assert digit_logits.shape == (5, 10) and sum_logits.shape == (5, 19)
+
+
+def test_adder_net_parameter_budget():
+    assert au.count_parameters(au.AdderNet()) <= 17_300
+
+
+def test_count_parameters_counts_only_trainable_ones():
+    net = au.AdderNet()
+    total = au.count_parameters(net)
+    for parameter in net.sum_head.parameters():
+        parameter.requires_grad_(False)
+    frozen = sum(p.numel() for p in net.sum_head.parameters())
+    assert frozen > 0 and au.count_parameters(net) == total - frozen
+
+
+def test_adder_net_config_round_trip():
+    net = au.AdderNet(widths=(4, 6, 8, 10, 12), sum_hidden=8)
+    config = net.config()
+    assert config == {"widths": [4, 6, 8, 10, 12], "sum_hidden": 8}
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = au.AdderNet(**config)
+    shapes = {name: tensor.shape for name, tensor in net.state_dict().items()}
+    assert shapes == {name: tensor.shape for name, tensor in rebuilt.state_dict().items()}
+    rebuilt.load_state_dict(net.state_dict())  # strict: same names, same shapes
+    assert au.count_parameters(rebuilt) < au.count_parameters(au.AdderNet())
+
+
+def test_sum_head_reads_the_digit_answer_as_an_exact_one_hot(monkeypatch):
+    """The sum head's input is one-hot(argmax digit logits) next to one-hot(addend)."""
+    torch.manual_seed(0)
+    model = au.AdderNet().eval()
+    images = torch.randn(6, 1, 28, 28)
+    addends = torch.tensor([0, 1, 2, 7, 8, 9])
+    seen = []
+    model.sum_head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    digit_logits, _ = model(images, addends)
+    expected = torch.cat([F.one_hot(digit_logits.argmax(dim=1), 10), F.one_hot(addends, 10)], dim=1).float()
+    assert torch.equal(seen[0], expected)
+
+
+def test_sum_loss_trains_only_the_sum_head_and_digit_loss_only_the_backbone():
+    torch.manual_seed(0)
+    model = au.AdderNet()
+    images, addends = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    digit_logits, sum_logits = model(images, addends)
+    F.cross_entropy(sum_logits, torch.randint(0, 19, (8,))).backward(retain_graph=True)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sum_head.parameters())
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(digit_logits, torch.randint(0, 10, (8,))).backward()
+    assert all(p.grad is None for p in model.sum_head.parameters())
+    assert model.backbone[0][0].weight.grad.abs().sum() > 0
+
+@pytest.mark.parametrize("training", [False, True])
+def test_digit_logits_do_not_depend_on_the_addend(model, training):
+    model.train(training)
+    images = torch.randn(6, 1, 28, 28)
+    digit_a, sum_a = model(images, torch.zeros(6, dtype=torch.long))
+    digit_b, sum_b = model(images, torch.tensor([9, 8, 7, 6, 5, 4]))
+    assert torch.equal(digit_a, digit_b)
+    assert not torch.equal(sum_a, sum_b)  # the addend does reach the sum head
+
+
+# --------------------------------------------------------------------------------------
+# Training helpers
+# --------------------------------------------------------------------------------------
+
+
+def test_epoch_meter_mean_loss():
+    meter = au.EpochMeter("cpu")
+    for index, loss in enumerate([1.0, 2.0, 4.5]):
+        meter.update(torch.tensor(loss), index)
+    assert meter.mean_loss(epoch=1) == pytest.approx(2.5)
+
+
+def test_epoch_meter_accepts_losses_that_need_grad():
+    meter = au.EpochMeter("cpu")
+    weight = torch.tensor(2.0, requires_grad=True)
+    meter.update(weight * 3, 0)
+    assert meter.mean_loss(epoch=1) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_epoch_meter_names_the_epoch_and_first_bad_batch(bad):
+    meter = au.EpochMeter("cpu")
+    losses = [1.0, 0.9, bad, 0.8, float("nan")]
+    for index, loss in enumerate(losses):
+        meter.update(torch.tensor(loss), index)
+    with pytest.raises(FloatingPointError, match=r"epoch 7, batch 2\b"):
+        meter.mean_loss(epoch=7)
+
+
+def test_epoch_meter_first_batch_bad():
+    meter = au.EpochMeter("cpu")
+    meter.update(torch.tensor(float("nan")), 0)
+    meter.update(torch.tensor(1.0), 1)
+    with pytest.raises(FloatingPointError, match=r"epoch 3, batch 0\b"):
+        meter.mean_loss(epoch=3)
+
+
+def test_smooth_lr_range_test_hand_case():
+    lrs, smoothed, suggested = au.smooth_lr_range_test([(1e-3, 2.0), (1e-2, 1.0)], smoothing=0.5)
+    assert lrs == [1e-3, 1e-2]
+    assert smoothed == pytest.approx([2.0, 4 / 3])  # bias-corrected running averages
+    assert suggested == pytest.approx(1e-3)
+
+
+def test_smooth_lr_range_test_constant_loss_is_unbiased():
+    _, smoothed, _ = au.smooth_lr_range_test([(10.0**-k, 3.0) for k in range(6, 0, -1)])
+    assert smoothed == pytest.approx([3.0] * 6)
+
+
+def test_smooth_lr_range_test_suggests_a_tenth_of_the_lowest_loss_lr():
+    lrs = [10 ** (-4 + 5 * step / 39) for step in range(40)]
+    losses = [2.3 - 0.05 * step if step <= 25 else 1.05 + 0.4 * (step - 25) for step in range(40)]
+    record = list(zip(lrs, losses))
+    _, unsmoothed, suggested = au.smooth_lr_range_test(record, smoothing=0.0)
+    assert unsmoothed == pytest.approx(losses)
+    assert suggested == pytest.approx(lrs[25] / 10)
+    _, smoothed, suggested = au.smooth_lr_range_test(record)
+    lowest = int(np.argmin(smoothed))
+    assert suggested == pytest.approx(lrs[lowest] / 10)
+    assert 25 <= lowest < 39  # smoothing lags the raw minimum, never leads it
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def test_accuracy_metrics_joint_is_not_the_product():
+    digits, sums = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    digit_pred = torch.tensor([1, 2, 3, 0])  # right, right, right, wrong
+    sum_pred = torch.tensor([5, 6, 0, 8])  # right, right, wrong, right
+    metrics = au.accuracy_metrics(digit_pred, sum_pred, digits, sums)
+    assert metrics == pytest.approx({"digit_acc": 75.0, "sum_acc": 75.0, "joint_acc": 50.0})
+    assert metrics["joint_acc"] != pytest.approx(metrics["digit_acc"] * metrics["sum_acc"] / 100)
+
+
+def test_every_addend_orders_pairs_image_by_image():
+    images = id_images(3)
+    digits = torch.tensor([7, 0, 4])
+    pair_images, addends, pair_digits, sums = au.every_addend(images, digits)
+    assert pair_images.shape == (30, 28, 28) and len(addends) == len(pair_digits) == len(sums) == 30
+    assert torch.equal(addends.reshape(-1, 10), torch.arange(10).expand(3, 10))
+    assert torch.equal(pair_digits.reshape(-1, 10), digits[:, None].expand(3, 10))
+    assert torch.equal(sums, pair_digits + addends)
+    assert torch.equal(pair_images[:, 0, 0].reshape(-1, 10), torch.arange(3, dtype=torch.uint8)[:, None].expand(3, 10))
+
+
+def test_accuracy_by_group_with_an_empty_group():
+    correct = torch.tensor([True, False, True, True, False])
+    groups = torch.tensor([0, 0, 2, 2, 3])
+    assert au.accuracy_by_group(correct, groups, 5) == [50.0, None, 100.0, 0.0, None]
+
+
+def test_confusion_matrix_hand_case():
+    predicted = torch.tensor([0, 1, 1, 2, 2])
+    actual = torch.tensor([0, 1, 2, 2, 2])
+    matrix = au.confusion_matrix(predicted, actual, num_classes=3)
+    assert matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 2]]  # matrix[true, predicted]
+
+
+def test_sum_accuracy_given_correct_digit_hand_case():
+    digits, sums = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    digit_pred = torch.tensor([1, 2, 3, 0])
+    sum_pred = torch.tensor([5, 0, 7, 0])  # 2 of the 3 with a right digit; the 4th does not count
+    assert au.sum_accuracy_given_correct_digit(digit_pred, sum_pred, digits, sums) == pytest.approx(200 / 3)
+    assert math.isnan(au.sum_accuracy_given_correct_digit(digit_pred + 1, sum_pred, digits, sums))
+
+
+def test_consistency_hand_case():
+    digit_pred, addends = torch.tensor([1, 2, 3, 9]), torch.tensor([1, 1, 1, 9])
+    sum_pred = torch.tensor([2, 3, 5, 18])  # digit + addend except the third
+    assert au.consistency(digit_pred, sum_pred, addends) == pytest.approx(75.0)
+
+
+def test_digit_invariance_hand_case():
+    rows = torch.tensor([[1] * 10, [2] * 9 + [3], [4] * 10, [5] + [6] * 9])
+    assert au.digit_invariance(rows) == pytest.approx(50.0)
+
+
+def test_evaluate_every_addend_known_results():
+    digits = torch.tensor([3, 7, 1])
+    digit_table, sum_table = exact_adder_tables(digits)
+    sum_table[1, 9] = 0  # image 1: the adder gets 7 + 9 wrong
+    digit_table[2] = 4  # image 2 is read as a 4 for every addend...
+    sum_table[2] = 4 + torch.arange(10)  # ...and the sum follows that reading
+    stub = ScriptedModel(digit_table, sum_table)
+    results = au.evaluate_every_addend(stub, id_images(3), digits)
+    assert results["images"] == 3 and results["pairs"] == 30
+    assert results["digit_acc"] == pytest.approx(200 / 3)
+    assert results["sum_acc"] == pytest.approx(190 / 3)
+    assert results["joint_acc"] == pytest.approx(190 / 3)
+    assert results["sum_acc_given_correct_digit"] == pytest.approx(95.0)
+    assert results["consistency"] == pytest.approx(290 / 3)
+    assert results["digit_invariance"] == pytest.approx(100.0)
+    assert results["oracle_sum_acc"] == pytest.approx(200 / 3)
+    assert results["joint_acc_by_addend"] == pytest.approx([200 / 3] * 9 + [100 / 3])
+    expected_pairs_by_sum = torch.bincount((digits[:, None] + torch.arange(10)).flatten(), minlength=19)
+    assert results["pairs_by_sum"] == expected_pairs_by_sum.tolist()
+    assert results["joint_acc_by_sum"][16] == 0.0  # 7 + 9, the adder's one mistake
+    assert results["joint_acc_by_sum"][0] is None  # no image of a 0
+    expected_matrix = torch.zeros(10, 10, dtype=torch.long)
+    expected_matrix[3, 3] = expected_matrix[7, 7] = expected_matrix[1, 4] = 1
+    assert results["confusion_matrix"] == expected_matrix.tolist()
+    assert results["wrong_images"] == [2]
+    assert json.loads(json.dumps(results)) == results
+
+
+def test_evaluate_every_addend_with_a_digit_that_changes_with_the_addend():
+    digits = torch.tensor([3, 7, 1])
+    digit_table, sum_table = exact_adder_tables(digits)
+    digit_table[0, 5] = 8  # image 0 is read as an 8 with addend 5 only
+    results = au.evaluate_every_addend(ScriptedModel(digit_table, sum_table), id_images(3), digits)
+    assert results["digit_invariance"] == pytest.approx(200 / 3)
+    assert results["wrong_images"] == []  # image 0 is read right for 9 of its 10 addends
+    assert sum(map(sum, results["confusion_matrix"])) == 3, "every image must count once in the matrix"
+
+
+def test_evaluate_every_addend_is_deterministic(model, test_images):
+    images, digits = test_images[0][:20], test_images[1][:20]
+    model.train()
+    first = au.evaluate_every_addend(model, images, digits, batch_size=64)
+    second = au.evaluate_every_addend(model, images, digits)
+    assert first == second
+    assert model.training  # predict() restores the mode it found
+
+
+def test_pair_accuracy_hand_case():
+    digits = torch.tensor([3, 7, 1, 3])
+    digit_table, sum_table = exact_adder_tables(digits)
+    digit_table[2] = 4
+    sum_table[2] = 4 + torch.arange(10)
+    results = au.pair_accuracy(ScriptedModel(digit_table, sum_table), id_images(4), digits, [(3, 2), (1, 0)])
+    assert results["samples"] == 3  # two images of a 3, one of a 1
+    assert results["digit_acc"] == pytest.approx(200 / 3)
+    assert results["sum_acc"] == pytest.approx(200 / 3)
+    assert results["joint_acc"] == pytest.approx(200 / 3)
+    assert results["sum_acc_given_correct_digit"] == pytest.approx(100.0)
+
+
+def exact_sum_head(net):
+    """Set the sum head so that sum logit s = 2 s (digit + addend) - s^2, largest at s = digit + addend."""
+    first, last = net.sum_head[0], net.sum_head[2]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, :10] = torch.arange(10.0)  # hidden 0 = digit
+        first.weight[1, 10:] = torch.arange(10.0)  # hidden 1 = addend
+        last.weight.zero_()
+        sums = torch.arange(19.0)
+        last.weight[:, 0] = 2 * sums
+        last.weight[:, 1] = 2 * sums
+        last.bias.copy_(-(sums**2))
+    return net
+
+
+def test_adder_table_of_an_exact_sum_head():
+    net = exact_sum_head(au.AdderNet()).train()
+    table = au.adder_table(net)
+    assert table.shape == (10, 10)
+    assert torch.equal(table, torch.arange(10)[:, None] + torch.arange(10))
+    assert net.training
+
+
+def test_adder_table_shows_a_wrong_sum_head():
+    net = exact_sum_head(au.AdderNet())
+    with torch.no_grad():
+        net.sum_head[2].bias[12] += 1000.0  # outweighs every exact logit: the head now answers 12 for everything
+    assert torch.equal(au.adder_table(net), torch.full((10, 10), 12))
+
+
+def test_summarize_runs():
+    summary = au.summarize_runs([1.0, 2.0, 3.0, 4.0])
+    assert summary == pytest.approx({"mean": 2.5, "std": math.sqrt(5 / 3), "min": 1.0, "max": 4.0, "runs": 4})
+    assert au.summarize_runs([98.5]) == {"mean": 98.5, "std": 0.0, "min": 98.5, "max": 98.5, "runs": 1}
+
+
+# --------------------------------------------------------------------------------------
+# Plotting
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def close_figures():
+    yield
+    plt.close("all")
+
+
+HISTORY = [
+    {"epoch": 1, "loss": 1.2, "digit_acc": 97.0, "sum_acc": 96.0, "joint_acc": 95.5},
+    {"epoch": 2, "loss": 0.8, "digit_acc": 98.5, "sum_acc": 98.0, "joint_acc": 97.9},
+    {"epoch": 3, "loss": 0.7, "digit_acc": 99.2, "sum_acc": 99.1, "joint_acc": 99.0},
+]
+
+
+def test_plot_history(close_figures):
+    figure = au.plot_history(HISTORY)
+    assert isinstance(figure, plt.Figure)
+    loss_axis, acc_axis = figure.axes
+    assert loss_axis.get_title() == "Training loss" and acc_axis.get_title() == "Validation accuracy"
+    assert list(loss_axis.lines[0].get_ydata()) == [1.2, 0.8, 0.7]
+    assert [line.get_label() for line in acc_axis.lines] == ["digit", "sum", "joint"]
+    low, high = acc_axis.get_ylim()
+    assert low <= 95.5 and high >= 99.2
+
+
+def test_plot_history_shows_a_poor_run(close_figures):
+    """A short or failing run (accuracy below 90 %) must still be visible on the accuracy panel."""
+    history = [
+        {"epoch": 1, "loss": 2.0, "digit_acc": 60.0, "sum_acc": 40.0, "joint_acc": 35.0},
+        {"epoch": 2, "loss": 1.5, "digit_acc": 80.0, "sum_acc": 70.0, "joint_acc": 68.0},
+    ]
+    _, acc_axis = au.plot_history(history).axes
+    low, high = acc_axis.get_ylim()
+    assert low <= 35.0 and high >= 80.0, f"accuracy axis shows {low}-{high} only"
+
+
+def test_plot_lr_range_test(close_figures):
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    figure = au.plot_lr_range_test(lrs, [2.3, 2.0, 1.2, 0.9, 2.5], 0.05)
+    assert isinstance(figure, plt.Figure) and len(figure.axes) == 1
+    (axis,) = figure.axes
+    assert axis.get_title() == "LR range test" and axis.get_xscale() == "log"
+    marker = [line for line in axis.lines if list(line.get_xdata()) == [0.05, 0.05]]
+    assert len(marker) == 1 and "0.05" in marker[0].get_label()
+
+
+def test_plot_predictions_marks_wrong_answers_in_red(close_figures):
+    images = id_images(10)
+    digits = torch.arange(10)
+    addends = torch.full((10,), 2)
+    digit_pred, sum_pred = digits.clone(), digits + 2
+    digit_pred[3] = 5  # wrong digit
+    sum_pred[6] = 0  # wrong sum
+    figure = au.plot_predictions(images, addends, digit_pred, sum_pred, digits, columns=4, title="samples")
+    assert isinstance(figure, plt.Figure) and len(figure.axes) == 12  # 3 rows of 4
+    assert figure.get_suptitle() == "samples"
+    red = to_rgba("tab:red")
+    for index, axis in enumerate(figure.axes[:10]):
+        is_red = to_rgba(axis.title.get_color()) == red
+        assert is_red == (index in (3, 6)), index
+    assert figure.axes[3].get_title().startswith("5+2=5") and "true 3+2=5" in figure.axes[3].get_title()
+    assert figure.axes[0].get_title() == "0+2=2"
+    assert all(not axis.images for axis in figure.axes[10:])  # the two spare cells stay empty
+
+
+def test_plot_confusion_matrix(close_figures):
+    matrix = np.zeros((10, 10), dtype=int)
+    np.fill_diagonal(matrix, 100)
+    matrix[4, 9] = 3
+    figure = au.plot_confusion_matrix(matrix.tolist())
+    assert isinstance(figure, plt.Figure) and len(figure.axes) == 1
+    (axis,) = figure.axes
+    assert axis.get_title() == "Test digit confusion matrix"
+    assert axis.get_xlabel() == "predicted digit" and axis.get_ylabel() == "true digit"
+    assert sorted(text.get_text() for text in axis.texts) == sorted(["100"] * 10 + ["3"])
+    (three,) = [text for text in axis.texts if text.get_text() == "3"]
+    assert three.get_position() == (9, 4)  # column = predicted, row = true
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and inference
+# --------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(model, test_images, tmp_path):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(model, path, metadata={"seed": 0, "note": "test"})
+    loaded = au.load_checkpoint(path)
+    assert not loaded.training
+    assert loaded.config() == model.config()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    images = test_images[0][:20]
+    addends = au.seeded_addends(20, seed=0)
+    for got, expected in zip(au.predict(loaded, images, addends), au.predict(model, images, addends)):
+        assert torch.equal(got, expected)
+    contents = au.safe_load(path)
+    assert contents["metadata"] == {"seed": 0, "note": "test"}
+    assert contents["parameter_count"] == au.count_parameters(model)
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        au.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_load_checkpoint_empty_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        au.load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_load_checkpoint_truncated_file(model, tmp_path):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(model, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable weights-only checkpoint"):
+        au.load_checkpoint(path)
+
+
+def test_load_checkpoint_garbage_bytes(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ValueError, match="not a readable weights-only checkpoint"):
+        au.load_checkpoint(path)
+
+
+class Payload:
+    """A class only this test file knows: a weights-only load must refuse to build it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+
+class MakesAFolder:
+    """Unpickling this calls os.mkdir: the side effect shows whether code ran during a load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_load_checkpoint_refuses_a_class_object(tmp_path):
+    path = tmp_path / "object.pt"
+    torch.save({"format": au.CHECKPOINT_FORMAT, "version": au.CHECKPOINT_VERSION, "kind": "model",
+                "payload": Payload("x")}, path)
+    with pytest.raises(ValueError, match="not a readable weights-only checkpoint"):
+        au.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_load_checkpoint_runs_no_code_from_the_file(tmp_path, writer):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    contents = {"format": au.CHECKPOINT_FORMAT, "version": au.CHECKPOINT_VERSION, "kind": "model",
+                "payload": MakesAFolder(marker)}
+    if writer == "torch.save":
+        torch.save(contents, path)
+    else:
+        path.write_bytes(pickle.dumps(contents, protocol=2))  # the protocol torch.load expects
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="not a readable weights-only checkpoint"):
+        au.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_load_checkpoint_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="not an MNIST Adder checkpoint"):
+        au.load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="not an MNIST Adder checkpoint"):
+        au.load_checkpoint(path)
+
+
+def test_load_checkpoint_other_format_version(model, tmp_path):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(model, path)
+    contents = torch.load(path, weights_only=True)
+    contents["version"] = au.CHECKPOINT_VERSION + 1
+    torch.save(contents, path)
+    with pytest.raises(ValueError, match=f"version {au.CHECKPOINT_VERSION + 1}"):
+        au.load_checkpoint(path)
+
+
+def test_load_checkpoint_weights_of_a_different_model(tmp_path):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(au.AdderNet(widths=(4, 4, 4, 4, 4)), path)
+    contents = torch.load(path, weights_only=True)
+    contents["model_config"] = au.AdderNet().config()  # the config no longer fits the weights
+    torch.save(contents, path)
+    with pytest.raises(ValueError, match="different model"):
+        au.load_checkpoint(path)
+    contents["model_config"] = {"widths": [4] * 5, "sum_hidden": 16, "dropout": 0.1}
+    torch.save(contents, path)
+    with pytest.raises(ValueError, match="different model"):
+        au.load_checkpoint(path)
+
+
+def test_training_state_is_not_a_model_checkpoint(model, tmp_path):
+    state_path, model_path = tmp_path / "state.pt", tmp_path / "model.pt"
+    au.save_training_state(state_path, {"model": model.state_dict(), "epoch": 1})
+    with pytest.raises(ValueError, match="'training' checkpoint, not a model checkpoint"):
+        au.load_checkpoint(state_path)
+    au.save_checkpoint(model, model_path)
+    with pytest.raises(ValueError, match="'model' checkpoint, not a training state"):
+        au.load_training_state(model_path)
+
+
+def test_atomic_save_leaves_only_the_file(tmp_path):
+    path = tmp_path / "nested" / "folder" / "model.pt"
+    au.atomic_save({"a": torch.arange(3)}, path)
+    assert os.listdir(path.parent) == ["model.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+
+
+def test_atomic_save_crash_keeps_the_previous_file(model, tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(model, path)
+    before = path.read_bytes()
+
+    def crashing_save(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        au.save_checkpoint(au.AdderNet(), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
+    au.load_checkpoint(path)
+
+
+def test_training_state_round_trip(model, tmp_path):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    digit_logits, sum_logits = model(torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]))
+    (digit_logits.sum() + sum_logits.sum()).backward()
+    optimizer.step()  # so the optimizer has momentum buffers to save
+    generator = torch.Generator().manual_seed(5)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "epoch": 3,
+        "history": [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}],
+    }
+    path = tmp_path / "resume" / "seed0.pt"
+    au.save_training_state(path, state)
+    loaded = au.load_training_state(path)
+    assert loaded["kind"] == "training" and loaded["epoch"] == 3 and loaded["history"] == state["history"]
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], momentum)
+    restored = torch.Generator().set_state(loaded["generator"])
+    assert torch.equal(torch.rand(5, generator=restored), torch.rand(5, generator=generator))
+    fresh_optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+
+
+def test_write_json_creates_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "metrics.json"
+    au.write_json(path, {"joint_acc": 99.5, "wrong_images": [1, 2]})
+    assert json.loads(path.read_text()) == {"joint_acc": 99.5, "wrong_images": [1, 2]}
+    assert path.read_text().endswith("}\n")
+
+
+# predict ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scripted():
+    """A ScriptedModel over 6 id_images whose digit and sum answers we know."""
+    digits = torch.tensor([5, 0, 9, 3, 3, 7])
+    return ScriptedModel(*exact_adder_tables(digits)), digits
+
+
+def test_predict_returns_int64_vectors(model, test_images):
+    digit_pred, sum_pred = au.predict(model, test_images[0][:7], 3)
+    for tensor in (digit_pred, sum_pred):
+        assert tensor.dtype == torch.int64 and tensor.shape == (7,)
+    assert digit_pred.min() >= 0 and digit_pred.max() <= 9
+    assert sum_pred.min() >= 0 and sum_pred.max() <= 18
+
+
+def test_predict_known_answers(scripted):
+    stub, digits = scripted
+    addends = torch.tensor([1, 2, 3, 4, 5, 6])
+    digit_pred, sum_pred = au.predict(stub, id_images(6), addends)
+    assert torch.equal(digit_pred, digits) and torch.equal(sum_pred, digits + addends)
+
+
+def test_predict_accepts_every_image_layout(model, test_images):
+    images = test_images[0][:5]
+    expected = au.predict(model, images, 4)
+    variants = {
+        "Nx1x28x28": images[:, None],
+        "numpy": images.numpy(),
+        "numpy Nx1x28x28": images.numpy()[:, None],
+        "float [0, 1]": images / 255,
+        "numpy float64 [0, 1]": images.numpy() / 255.0,
+        "int64": images.long(),
+        "non-contiguous": images.transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    for name, variant in variants.items():
+        got = au.predict(model, variant, 4)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), name
+
+
+def test_predict_one_image(model, test_images):
+    image = test_images[0][0]
+    digit_pred, sum_pred = au.predict(model, image, 2)
+    assert digit_pred.shape == sum_pred.shape == (1,)
+    batch_digit, batch_sum = au.predict(model, test_images[0][:3], 2)
+    assert digit_pred.item() == batch_digit[0].item() and sum_pred.item() == batch_sum[0].item()
+    assert torch.equal(au.predict(model, image.numpy(), 2)[1], sum_pred)
+
+
+def test_predict_accepts_every_addend_form(scripted):
+    stub, digits = scripted
+    images = id_images(6)
+    addend_list = [9, 0, 1, 2, 3, 4]
+    expected_sums = digits + torch.tensor(addend_list)
+    for addends in (addend_list, tuple(addend_list), np.array(addend_list), np.array(addend_list, dtype=np.uint8),
+                    torch.tensor(addend_list), torch.tensor(addend_list, dtype=torch.int32),
+                    [np.int64(a) for a in addend_list]):
+        assert torch.equal(au.predict(stub, images, addends)[1], expected_sums), repr(addends)
+    for addend in (7, np.int64(7)):
+        assert torch.equal(au.predict(stub, images, addend)[1], digits + 7)
+
+
+def test_predict_batches_give_the_same_answers(model, test_images):
+    images = test_images[0][:10]
+    addends = au.seeded_addends(10, seed=0)
+    whole = au.predict(model, images, addends)
+    in_pieces = au.predict(model, images, addends, batch_size=3)
+    assert all(torch.equal(a, b) for a, b in zip(whole, in_pieces))
+
+
+def test_predict_restores_training_mode(model, test_images):
+    model.train()
+    au.predict(model, test_images[0][:2], 1)
+    assert model.training
+    model.eval()
+    au.predict(model, test_images[0][:2], 1)
+    assert not model.training
+
+
+@pytest.mark.parametrize(
+    "addends, error, pattern",
+    [
+        (10, ValueError, r"0-9.*10"),
+        (-1, ValueError, r"0-9.*-1"),
+        (3.5, TypeError, r"int.*float"),
+        (float("nan"), TypeError, r"int.*float"),
+        (True, TypeError, "bool"),
+        (np.bool_(True), TypeError, "bool"),
+        ("3", TypeError, r"int.*str"),
+        ([1, 2, 3.0], TypeError, r"ints 0-9, got 3\.0"),
+        ([1, True, 3], TypeError, r"ints 0-9, got True"),
+        ([1, 2, 10], ValueError, r"0-9.*10"),
+        ([1, 2], ValueError, "2 addends for 3 images"),
+        ([1, 2, 3, 4], ValueError, "4 addends for 3 images"),
+        (np.array([1.0, 2.0, 3.0]), TypeError, "float64"),
+        (torch.tensor([1.0, 2.0, 3.0]), TypeError, "float32"),
+        (torch.tensor([True, False, True]), TypeError, "bool"),
+        (np.array([[1, 2, 3]]), ValueError, "one-dimensional"),
+        (torch.tensor([[1], [2], [3]]), ValueError, "one-dimensional"),
+        ({1, 2, 3}, TypeError, "set"),
+    ],
+)
+def test_predict_rejects_bad_addends(model, test_images, addends, error, pattern):
+    with pytest.raises(error, match=pattern):
+        au.predict(model, test_images[0][:3], addends)
+
+
+def bad_images():
+    good = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    nan_images = torch.zeros(2, 28, 28)
+    nan_images[1, 3, 3] = float("nan")
+    return [
+        ("27x28", torch.zeros(27, 28, dtype=torch.uint8), ValueError, r"28x28.*\(1, 27, 28\)"),
+        ("Nx27x28", torch.zeros(2, 27, 28, dtype=torch.uint8), ValueError, r"28x28.*\(2, 27, 28\)"),
+        ("3 channels", torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, "one \\(grey\\) channel, got 3"),
+        ("flat", torch.zeros(784, dtype=torch.uint8), ValueError, "28x28"),
+        ("5-D", good[None, :, None], ValueError, "28x28"),
+        ("empty", torch.zeros(0, 28, 28, dtype=torch.uint8), ValueError, "empty"),
+        ("NaN", nan_images, ValueError, "NaN"),
+        ("floats 0-255", good.float() * 0 + 255.0, ValueError, r"\[0, 1\].*255"),
+        ("negative floats", good.float() - 0.5, ValueError, r"\[0, 1\]"),
+        ("int pixels above 255", good.long() + 300, ValueError, "0-255"),
+        ("python list", good.tolist(), TypeError, "list"),
+        ("string", "digit.png", TypeError, "str"),
+        ("numpy bool", np.zeros((2, 28, 28), dtype=bool), TypeError, "bool"),
+        ("torch bool", torch.zeros(2, 28, 28, dtype=torch.bool), TypeError, "bool"),
+        ("numpy object", np.empty((2, 28, 28), dtype=object), TypeError, "object"),
+    ]
+
+
+@pytest.mark.parametrize("name, images, error, pattern", bad_images(), ids=[case[0] for case in bad_images()])
+def test_predict_rejects_bad_images(model, name, images, error, pattern):
+    with pytest.raises(error, match=pattern):
+        au.predict(model, images, 1)
