@@ -17,8 +17,8 @@ def read_json(name):
 
 
 @pytest.fixture(scope="module")
-def test_set():
-    return au.load_mnist(REPO / "data", train=False, download=False)
+def test_set(data_root):
+    return au.load_mnist(data_root, train=False, download=False)
 
 
 def test_committed_checkpoint_reproduces_the_logged_test_metrics(test_set):
