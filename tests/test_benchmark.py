@@ -11,7 +11,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Every row the benchmark knows; --short skips the torch.compile ones and says so.
-ALL_ROWS = {"reference", "device", "device_compile", "device_compile_bf16", "device_bf16"}
+ALL_ROWS = {"reference", "device", "device_compile", "device_compile_bf16", "notebook_cpu"}
 COMPILE_ROWS = {"device_compile", "device_compile_bf16"}
 ROW_FIELDS = {
     "name", "images_per_second", "x_reference", "epoch_seconds", "warmup_seconds",
