@@ -559,8 +559,8 @@ def notes_for(settings, device, short):
         "differ only in the data pipeline and in how the model runs.",
         "The reference and the three rows after it do the same work per image (no "
         "augmentation, as typical solutions). The last row adds the notebook's augmentation "
-        "(random rotation and shift, on the device): more work per image, and slower to reach "
-        "99.0% in a short schedule, for better final accuracy in the full 20-epoch run.",
+        "(random rotation and shift, on the device): more work per image, which the notebook "
+        "does for better final accuracy in the full 20-epoch run.",
         f"images/s: steady state over {settings['timed_steps']} timed steps after "
         f"{settings['warmup_steps']} warm-up step(s); the warm-up (whose first step holds "
         "torch.compile's compilation) is reported on its own and is in no other figure. "

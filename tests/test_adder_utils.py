@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -690,25 +691,53 @@ HISTORY = [
 
 
 def test_plot_history(close_figures):
-    figure = au.plot_history(HISTORY)
+    figure = au.plot_history(HISTORY, title="seed 0 on a test CPU")
     assert isinstance(figure, plt.Figure)
-    loss_axis, acc_axis = figure.axes
-    assert loss_axis.get_title() == "Training loss" and acc_axis.get_title() == "Validation accuracy"
+    loss_axis, error_axis = figure.axes
+    assert loss_axis.get_title() == "Training loss" and error_axis.get_title() == "Validation error"
+    assert figure._suptitle.get_text() == "seed 0 on a test CPU"
     assert list(loss_axis.lines[0].get_ydata()) == [1.2, 0.8, 0.7]
-    assert [line.get_label() for line in acc_axis.lines] == ["digit", "sum", "joint"]
-    low, high = acc_axis.get_ylim()
-    assert low <= 95.5 and high >= 99.2
+    assert [line.get_label() for line in error_axis.lines] == ["digit", "sum", "joint"]
+    assert error_axis.get_yscale() == "log"
+    digit_errors = list(error_axis.lines[0].get_ydata())
+    assert digit_errors == pytest.approx([100.0 - row["digit_acc"] for row in HISTORY])
 
 
-def test_plot_history_shows_a_poor_run(close_figures):
-    """A short or failing run (accuracy below 90 %) must still be visible on the accuracy panel."""
+def test_plot_history_shows_a_poor_run_and_a_perfect_one(close_figures):
+    """Errors of tens of % and a perfect epoch (error 0, drawn at the floor) both stay in view."""
     history = [
         {"epoch": 1, "loss": 2.0, "digit_acc": 60.0, "sum_acc": 40.0, "joint_acc": 35.0},
-        {"epoch": 2, "loss": 1.5, "digit_acc": 80.0, "sum_acc": 70.0, "joint_acc": 68.0},
+        {"epoch": 2, "loss": 1.5, "digit_acc": 100.0, "sum_acc": 99.9, "joint_acc": 99.9},
     ]
-    _, acc_axis = au.plot_history(history).axes
-    low, high = acc_axis.get_ylim()
-    assert low <= 35.0 and high >= 80.0, f"accuracy axis shows {low}-{high} only"
+    _, error_axis = au.plot_history(history).axes
+    low, high = error_axis.get_ylim()
+    assert low <= 0.01 and high >= 65.0, f"error axis shows {low}-{high} only"
+
+
+def test_supports_bf16_follows_the_gpu_generation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not au.supports_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert au.supports_bf16(torch.device("cuda"))
+
+
+def test_supports_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    real_read_text = Path.read_text
+
+    def fake_cpuinfo(flags):
+        def read_text(self, *args, **kwargs):
+            if str(self) == "/proc/cpuinfo":
+                return f"model name\t: test\nflags\t\t: {flags}\n"
+            return real_read_text(self, *args, **kwargs)
+
+        return read_text
+
+    monkeypatch.setattr(Path, "read_text", fake_cpuinfo("fpu sse avx2 avx512f"))
+    assert not au.supports_bf16(torch.device("cpu"))
+    monkeypatch.setattr(Path, "read_text", fake_cpuinfo("fpu avx512f avx512_bf16"))
+    assert au.supports_bf16(torch.device("cpu"))
+    monkeypatch.setattr(Path, "read_text", fake_cpuinfo("fpu amx_tile amx_bf16"))
+    assert au.supports_bf16(torch.device("cpu"))
 
 
 def test_plot_lr_range_test(close_figures):
