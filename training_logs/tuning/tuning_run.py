@@ -1,7 +1,8 @@
 """A record, not part of the project: the script that made the tuning logs beside it.
 
 Each log is one 20-epoch run on the validation split (5,000 images, seeded addends), on the
-2-core CPU, three runs side by side with one thread each; "raw" is digit / joint accuracy.
+2-core CPU, three runs side by side with one thread each; "raw" is validation digit / joint
+accuracy of the weights after the epoch, and "loss" the loss of the epoch's last batch.
 Settings come from environment variables: cand = the defaults (batch 256, LR 0.2, weight
 decay 1e-4); bs128 = BS=128 LR=0.15; wide1 = ARCH="{'widths': (12, 16, 20, 24, 28)}".
 Run as: PYTHONPATH=. python training_logs/tuning/tuning_run.py NAME 20
