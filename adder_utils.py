@@ -74,13 +74,7 @@ def supports_bf16(device: torch.device) -> bool:
     and not always supported by torch.compile, so training stays in fp32."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def environment_info(device: torch.device) -> dict:
@@ -103,15 +97,25 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux)."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo (Linux only; None elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The processor's model name."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (avx512f, amx_bf16, ...); empty where /proc/cpuinfo is missing."""
+    return set((cpuinfo_field("flags") or "").split())
 
 
 # --------------------------------------------------------------------------------------
@@ -169,15 +173,14 @@ def load_mnist(root, train: bool, download: bool = True) -> MNISTAdder:
     try:
         return MNISTAdder(root, train=train, download=download)
     except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
+        put_files = f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ and "
         if download:
-            how_to_fix = (
-                f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ and run "
-                "again: torchvision checks their md5 and extracts them without going online. "
+            how_to_fix = put_files + (
+                "run again: torchvision checks their md5 and extracts them without going online. "
                 "Or give this machine internet access for the download."
             )
         else:
-            how_to_fix = (
-                f"Put the four official files ({', '.join(MNIST_FILES)}) in {raw_folder}/ and "
+            how_to_fix = put_files + (
                 "allow the download step (download=True, ADDER_DOWNLOAD=1): it extracts files "
                 "that are already there, after checking their md5, and downloads only missing ones."
             )

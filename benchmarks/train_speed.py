@@ -227,14 +227,7 @@ def train_step(forward, optimizer, scheduler, batch, autocast, label_smoothing):
 def cpu_features():
     """The vector and matrix extensions the matmul rates depend on: a virtual machine's CPU
     name ("Intel(R) Xeon(R) Processor") often says nothing about them."""
-    interesting = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(interesting & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return []
+    return sorted({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"} & au.cpu_flags())
 
 
 def synchronize(device):
