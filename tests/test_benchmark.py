@@ -8,11 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import adder_utils as au
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Every row the benchmark knows; --short skips the torch.compile ones and says so.
-ALL_ROWS = {"reference", "device", "device_compile", "device_compile_bf16", "notebook_cpu"}
-COMPILE_ROWS = {"device_compile", "device_compile_bf16"}
+# Every row the benchmark knows; --short skips the torch.compile ones and says so, and a
+# machine without CUDA (or without native bf16) skips the rows that need it.
+ALL_ROWS = {"reference", "device", "device_compile", "device_compile_bf16", "notebook_cpu", "notebook_gpu",
+            "notebook_gpu_cudagraphs"}
+COMPILE_ROWS = {"device_compile", "device_compile_bf16", "notebook_gpu", "notebook_gpu_cudagraphs"}
 ROW_FIELDS = {
     "name", "images_per_second", "x_reference", "epoch_seconds", "warmup_seconds",
     "first_step_seconds", "model_gflops_per_second", "mfu_vs_fp32_matmul", "mfu_vs_bf16_matmul",
@@ -31,11 +37,15 @@ def test_short_benchmark_writes_results(tmp_path):
     report = (tmp_path / f"results_{device_type}_short.md").read_text()
     results = json.loads((tmp_path / f"results_{device_type}_short.json").read_text())
 
-    assert results["short"] is True
+    assert results["short"] is True and results["partial"] is False
+    assert results["failed"] == []
     measured = {row["key"] for row in results["rows"]}
     skipped = {row["key"] for row in results["skipped"]}
     assert measured | skipped == ALL_ROWS and not measured & skipped
     assert skipped == COMPILE_ROWS
+    bf16_native = au.supports_bf16(torch.device(device_type))
+    for row in results["rows"]:  # bf16 autocast exactly where bf16 is native, as in the notebook
+        assert row["autocast"] == (bf16_native and row["key"] == "notebook_cpu")
 
     for row in results["rows"]:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
@@ -60,4 +70,6 @@ def test_short_benchmark_writes_results(tmp_path):
     for key in ("cpu", "cpu_threads", "device_name", "torch", "torchvision"):
         assert environment[key], key
     assert results["targets"] and all(isinstance(item["met"], bool) for item in results["targets"])
-    assert "Short mode" in report and "Targets" in report
+    assert "Short mode" in report and "Targets" in report and "Partial" not in report
+    for row in results["skipped"]:
+        assert f"| {row['name']} | skipped: {row['reason']} |" in report

@@ -1,0 +1,126 @@
+"""What only a CUDA GPU reaches: the notebook's GPU defaults, predict on CUDA, resume on CUDA.
+
+Skipped where there is no CUDA GPU (CI, most laptops); `.ci/gpu_run` runs them on one. The
+notebook runs in its short mode (conftest.py), but with the device's defaults: ADDER_COMPILE
+is unset, so on a GPU torch.compile is on, and bf16 autocast is on where bf16 is native.
+
+ADDER_GPU_TESTS_ON_CPU=1 runs them on the CPU instead, with the CPU's defaults: that is how
+`.ci/gpu_run --short` rehearses them, so that their code has run before a GPU is at hand.
+"""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+import adder_utils as au
+
+if torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+elif os.environ.get("ADDER_GPU_TESTS_ON_CPU") == "1":
+    DEVICE = torch.device("cpu")
+else:
+    DEVICE = None
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "MNIST_Adder.ipynb"
+CHECKPOINT = REPO / "training_logs" / "model.pt"
+
+
+def execute_notebook(output_dir: Path, **settings):
+    """Run the notebook from the repository root in short mode with the GPU defaults, writing
+    into ``output_dir``; ``settings`` are extra ADDER_* variables (STOP_AFTER_EPOCH=1, ...)."""
+    variables = {"ADDER_OUTPUT_DIR": str(output_dir), "ADDER_SEEDS": "1",
+                 **{f"ADDER_{name}": str(value) for name, value in settings.items()}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("ADDER_COMPILE", raising=False)  # the short mode turns it off; the GPU default is on
+        if DEVICE.type == "cpu":
+            patch.setenv("ADDER_ALLOW_CPU", "1")
+        for name, value in variables.items():
+            patch.setenv(name, value)
+        notebook = nbformat.read(NOTEBOOK, as_version=4)
+        client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO)}})
+        client.execute()
+    return notebook
+
+
+def final_results(output_dir: Path) -> dict:
+    """What a run wrote that must not depend on how it was scheduled (timings left out)."""
+    with open(output_dir / "history.csv") as file:
+        history = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
+    return {
+        "history": history,
+        **{name: json.loads((output_dir / f"{name}.json").read_text()) for name in ("test_metrics", "seeds", "held_out")},
+    }
+
+
+def test_predict_on_cuda_agrees_with_the_cpu_on_the_committed_checkpoint(data_root):
+    test_set = au.load_mnist(data_root, train=False, download=False)
+    addends = au.seeded_addends(len(test_set.data), seed=2)
+    cpu_model = au.load_checkpoint(CHECKPOINT)
+    cuda_model = au.load_checkpoint(CHECKPOINT, device=DEVICE)
+    cpu_digits, cpu_sums = au.predict(cpu_model, test_set.data, addends)
+
+    # In full fp32 on both devices the logits differ only by summation order: every answer agrees.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        fp32_digits, fp32_sums = au.predict(cuda_model, test_set.data, addends)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert torch.equal(fp32_digits, cpu_digits) and torch.equal(fp32_sums, cpu_sums)
+
+    # With the defaults (TF32 convolutions from Ampere on) only near-ties may change.
+    cuda_digits, cuda_sums = au.predict(cuda_model, test_set.data, addends)
+    changed = torch.nonzero((cuda_digits != cpu_digits) | (cuda_sums != cpu_sums)).flatten()
+    with torch.no_grad():
+        images = au.normalize_images(test_set.data)
+        cpu_logits, _ = cpu_model(images, addends)
+        cuda_logits, _ = cuda_model(images.to(DEVICE), addends.to(DEVICE))
+    top_two = cpu_logits.topk(2, dim=1).values
+    gaps = (top_two[:, 0] - top_two[:, 1])[changed].tolist()
+    largest = (cuda_logits.cpu() - cpu_logits).abs().max().item()
+    print(f"TF32 default: digit logits differ from the CPU's by up to {largest:.3g}; {len(changed)} of "
+          f"{len(test_set.data)} answers differ, with top-two gaps on the CPU of {gaps}")
+    assert all(gap < 0.05 for gap in gaps), gaps
+    assert len(changed) <= 5, changed.tolist()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("gpu-uninterrupted")
+    execute_notebook(output_dir)
+    return output_dir
+
+
+def test_notebook_short_mode_on_cuda_with_gpu_defaults(uninterrupted_run):
+    record = json.loads((uninterrupted_run / "run_record.json").read_text())
+    assert record["environment"]["device_type"] == DEVICE.type
+    assert record["cpu_run"] is (DEVICE.type == "cpu")
+    assert record["torch_compile"] is (DEVICE.type == "cuda")
+    assert record["bf16_autocast"] == au.supports_bf16(DEVICE)
+    assert (uninterrupted_run / "model.pt").exists()
+
+
+def test_resume_on_cuda_ends_exactly_like_an_uninterrupted_run(uninterrupted_run, tmp_path):
+    with pytest.raises(CellExecutionError, match="Stopped after epoch 1"):
+        execute_notebook(tmp_path, STOP_AFTER_EPOCH=1)
+    execute_notebook(tmp_path, RESUME=1)
+
+    original = au.load_checkpoint(uninterrupted_run / "model.pt").state_dict()
+    resumed = au.load_checkpoint(tmp_path / "model.pt").state_dict()
+    # Measured, so that a failure says how far apart the two runs ended.
+    largest = {name: (original[name].double() - resumed[name].double()).abs().max().item() for name in original}
+    worst = max(largest, key=largest.get)
+    assert all(value == 0 for value in largest.values()), (
+        f"resumed weights differ from the uninterrupted run's: largest {largest[worst]:.3g} in {worst}"
+    )
+    assert final_results(tmp_path) == final_results(uninterrupted_run)
