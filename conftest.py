@@ -18,6 +18,8 @@ SHORT_RUN_ENV = {
     "ADDER_SEEDS": "2",
     "ADDER_HELD_OUT_EPOCHS": "1",
     "ADDER_LR_TEST_STEPS": "20",
+    "ADDER_PAIRS_STUDY_SEEDS": "1",
+    "ADDER_PAIRS_STUDY_STEPS": "100",
 }
 
 
@@ -26,6 +28,12 @@ def pytest_configure(config):
         os.environ.setdefault(name, value)
     # Never let a test run overwrite the committed training_logs/.
     os.environ.setdefault("ADDER_OUTPUT_DIR", tempfile.mkdtemp(prefix="adder-nbval-"))
+
+
+@pytest.fixture(scope="session")
+def short_run_settings():
+    """The short mode's ADDER_* variables, for fixtures that set them in a wider scope."""
+    return dict(SHORT_RUN_ENV)
 
 
 @pytest.fixture

@@ -1,23 +1,32 @@
-"""The notebook's own behaviour, executed end to end in its short CPU mode.
+"""The notebook's own behaviour in the situations a user meets: no GPU, an interrupted run
+resumed, a run resumed under changed settings, and a loss that blows up.
 
-nbval (see pytest.ini) checks that the notebook runs top to bottom; these tests run it in the
-situations a user meets: no GPU, an interrupted run resumed, and a loss that blows up.
+nbval (see pytest.ini) already runs the whole notebook top to bottom once. The training loop
+is tested here directly: the notebook's own code cells, up to the one that defines
+``train_model``, are executed in this process in the short CPU mode, and ``train_model`` is
+called as the notebook calls it. One whole-notebook run checks that a resumed notebook ends
+with what an uninterrupted run gives.
 """
 
+import contextlib
 import csv
-import json
+import io
+import os
+import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import nbformat
 import pytest
 import torch
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
 
 import adder_utils as au
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "MNIST_Adder.ipynb"
+SETTINGS_CELL = "controls = au.settings_from_env("
+TRAINING_CELL = "def train_model("
 
 
 def execute_notebook():
@@ -28,60 +37,204 @@ def execute_notebook():
     return notebook
 
 
-def final_results(output_dir: Path) -> dict:
-    """Everything a run wrote that must not depend on how it was scheduled (timings left out)."""
-    with open(output_dir / "history.csv") as file:
-        history = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
-    return {
-        "history": history,
-        **{name: json.loads((output_dir / f"{name}.json").read_text()) for name in ("test_metrics", "seeds", "held_out")},
-    }
+def code_cells_through(marker):
+    """The notebook's code cells, in order, up to and including the one containing ``marker``."""
+    cells = []
+    for cell in nbformat.read(NOTEBOOK, as_version=4).cells:
+        if cell.cell_type == "code":
+            cells.append(cell.source)
+            if marker in cell.source:
+                return cells
+    raise AssertionError(f"no code cell of the notebook contains {marker!r}")
+
+
+def one_cell(cells, marker):
+    (cell,) = [cell for cell in cells if marker in cell]
+    return cell
+
+
+class NotebookSession:
+    """The notebook's code up to ``train_model``, executed in this process like a kernel would.
+
+    ``settings(**overrides)`` sets the ADDER_* variables to the short mode's plus the overrides
+    (and no others) and re-runs the settings cell and the training cell, as a user who edits
+    the settings and runs the notebook again would. A kernel started afterwards sees the same.
+    """
+
+    def __init__(self, monkeypatch, base_settings):
+        self.monkeypatch = monkeypatch
+        self.base_settings = base_settings
+        self.cells = code_cells_through(TRAINING_CELL)
+        self.namespace = {"__name__": "__notebook__"}
+        self.settings()
+        # Everything up to the training cell (setup, settings, device, data, model, loss, the
+        # LR range test) runs once; later settings() calls re-run only the cells they change.
+        for index, source in enumerate(self.cells):
+            self.run(source, index)
+        plt.close("all")
+
+    def run(self, source, index=None):
+        exec(compile(source, f"<notebook code cell {index}>", "exec"), self.namespace)
+
+    def settings(self, **overrides):
+        wanted = {**self.base_settings, **{f"ADDER_{name}": str(value) for name, value in overrides.items()}}
+        for name in [name for name in os.environ if name.startswith("ADDER_") and name not in wanted]:
+            self.monkeypatch.delenv(name)
+        for name, value in wanted.items():
+            self.monkeypatch.setenv(name, value)
+        if "train_model" in self.namespace:
+            self.run(one_cell(self.cells, SETTINGS_CELL))
+            self.run(one_cell(self.cells, TRAINING_CELL))
+
+    def train(self, seed=0):
+        """``train_model`` for the main run, as the notebook calls it; returns (model, history, printed)."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            model, history = self.namespace["train_model"](seed, f"seed{seed}")
+        return model, history, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def notebook(tmp_path_factory, short_run_settings):
+    base_settings = {**short_run_settings, "ADDER_OUTPUT_DIR": str(tmp_path_factory.mktemp("notebook-setup"))}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO)  # the notebook's paths (data/, adder_utils.py) are relative to it
+        yield NotebookSession(monkeypatch, base_settings)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(notebook, tmp_path_factory):
+    """The main run trained without a break: its output folder, model and history."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    notebook.settings(OUTPUT_DIR=output_dir)
+    model, history, _ = notebook.train()
+    return output_dir, model, history
+
+
+@pytest.fixture(scope="module")
+def interrupted(notebook, tmp_path_factory):
+    """An output folder whose main run stopped after epoch 1, as a disconnect would leave it."""
+    output_dir = tmp_path_factory.mktemp("interrupted")
+    notebook.settings(OUTPUT_DIR=output_dir, STOP_AFTER_EPOCH=1)
+    with pytest.raises(RuntimeError, match="Stopped after epoch 1"):
+        notebook.train()
+    state = au.load_training_state(output_dir / "resume" / "seed0.pt")
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    return output_dir
+
+
+def copy_of(output_dir, tmp_path):
+    """A scratch copy of a run's output folder, so that each test resumes from the same state."""
+    return Path(shutil.copytree(output_dir, tmp_path / "run"))
+
+
+def same_history(history, other):
+    """The same epochs with the same log rows, timings left out (to rounding on a GPU, see below)."""
+    rows, other_rows = ([{k: v for k, v in row.items() if k != "seconds"} for row in h] for h in (history, other))
+    if torch.cuda.is_available():
+        return len(rows) == len(other_rows) and all(
+            row == pytest.approx(other_row, rel=1e-2) for row, other_row in zip(rows, other_rows)
+        )
+    return rows == other_rows
+
+
+def same_weights(model, other):
+    """Bit for bit on the CPU. The README promises exactness there only: on a GPU, cuDNN may pick
+    nondeterministic kernels, so a resumed run matches only to rounding."""
+    theirs = other.state_dict()
+    if torch.cuda.is_available():
+        return all(torch.allclose(value.cpu().float(), theirs[name].cpu().float(), atol=1e-4)
+                   for name, value in model.state_dict().items())
+    return all(torch.equal(value.cpu(), theirs[name].cpu()) for name, value in model.state_dict().items())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message appears only without a GPU")
 def test_device_cell_without_gpu_tells_colab_users_what_to_do(short_run_env, monkeypatch):
     monkeypatch.delenv("ADDER_ALLOW_CPU")
-    with pytest.raises(CellExecutionError) as failure:
-        execute_notebook()
+    monkeypatch.chdir(REPO)
+    namespace = {"__name__": "__notebook__"}
+    with pytest.raises(RuntimeError) as failure:
+        for index, source in enumerate(code_cells_through("au.choose_device(")):
+            exec(compile(source, f"<notebook code cell {index}>", "exec"), namespace)
     message = str(failure.value)
     assert "No CUDA GPU is available" in message
     assert "Runtime > Change runtime type" in message
     assert "ADDER_ALLOW_CPU=1" in message
-    # It stopped at the device cell: nothing was trained or written.
-    assert not (short_run_env / "model.pt").exists()
+    assert "device" not in namespace  # it stopped at the device cell, before anything could train
 
 
-def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(short_run_env, monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("ADDER_SEEDS", "1")
-    uninterrupted_dir = tmp_path_factory.mktemp("uninterrupted")
-    monkeypatch.setenv("ADDER_OUTPUT_DIR", str(uninterrupted_dir))
-    execute_notebook()
+def test_interrupted_and_resumed_training_ends_exactly_like_an_uninterrupted_run(notebook, uninterrupted, interrupted, tmp_path):
+    _, model, history = uninterrupted
+    output_dir = copy_of(interrupted, tmp_path)
+    notebook.settings(OUTPUT_DIR=output_dir, RESUME=1)
+    resumed_model, resumed_history, printed = notebook.train()
+    assert "seed0: resuming after epoch 1" in printed
+    assert same_history(resumed_history, history)
+    assert same_weights(resumed_model, model)
 
-    interrupted_dir = tmp_path_factory.mktemp("interrupted")
-    monkeypatch.setenv("ADDER_OUTPUT_DIR", str(interrupted_dir))
-    monkeypatch.setenv("ADDER_STOP_AFTER_EPOCH", "1")
-    with pytest.raises(CellExecutionError, match="Stopped after epoch 1"):
-        execute_notebook()
-    state = au.load_training_state(interrupted_dir / "resume" / "seed0.pt")
-    assert state["epoch"] == 1 and len(state["history"]) == 1
 
-    monkeypatch.setenv("ADDER_STOP_AFTER_EPOCH", "0")
-    monkeypatch.setenv("ADDER_RESUME", "1")
-    notebook = execute_notebook()
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"MAX_LR": 0.1}, "MAX_LR: saved 0.2, now 0.1"),  # a lower LR after a diverging run
+        ({"EPOCHS": 3}, "EPOCHS: saved 2, now 3"),  # a longer schedule
+        ({"WEIGHT_DECAY": 0.0}, "WEIGHT_DECAY: saved 0.0001, now 0.0"),
+    ],
+)
+def test_resume_refuses_a_changed_recipe_naming_the_change(notebook, interrupted, tmp_path, change, named):
+    output_dir = copy_of(interrupted, tmp_path)
+    saved = (output_dir / "resume" / "seed0.pt").read_bytes()
+    notebook.settings(OUTPUT_DIR=output_dir, RESUME=1, **change)
+    with pytest.raises(ValueError, match="different recipe") as failure:
+        notebook.train()
+    assert named in str(failure.value)
+    assert "RESUME set to False" in str(failure.value)
+    assert (output_dir / "resume" / "seed0.pt").read_bytes() == saved  # nothing trained over it
+
+
+def test_resume_of_a_finished_run_refuses_new_settings_instead_of_skipping_training(notebook, uninterrupted, tmp_path):
+    output_dir = copy_of(uninterrupted[0], tmp_path)
+    notebook.settings(OUTPUT_DIR=output_dir, RESUME=1, EPOCHS=3)
+    with pytest.raises(ValueError, match="EPOCHS: saved 2, now 3"):
+        notebook.train()
+
+
+def test_resume_of_a_finished_run_with_the_same_settings_trains_nothing(notebook, uninterrupted, tmp_path):
+    _, model, history = uninterrupted
+    output_dir = copy_of(uninterrupted[0], tmp_path)
+    notebook.settings(OUTPUT_DIR=output_dir, RESUME=1)
+    resumed_model, resumed_history, printed = notebook.train()
+    assert "seed0: resuming after epoch 2" in printed
+    assert resumed_history == history  # the saved rows, seconds included: no epoch ran again
+    assert same_weights(resumed_model, model)
+
+
+def test_non_finite_loss_stops_training_naming_epoch_and_batch(notebook, tmp_path):
+    notebook.settings(OUTPUT_DIR=tmp_path, MAX_LR="1e30")
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite in epoch 1, batch \d+") as failure:
+        notebook.train()
+    assert "RESUME to False" in str(failure.value)  # the advice: a fresh run, not a resumed one
+    # The broken epoch was not saved as a resumable state.
+    assert not (tmp_path / "resume" / "seed0.pt").exists()
+
+
+def test_whole_notebook_resumed_after_a_disconnect_ends_like_an_uninterrupted_run(
+    notebook, uninterrupted, interrupted, tmp_path
+):
+    """The one whole-notebook check beyond nbval's run: RESUME reaches the kernel, and the
+    resumed notebook's main model and log are those of the uninterrupted training."""
+    _, model, history = uninterrupted
+    output_dir = copy_of(interrupted, tmp_path)
+    notebook.settings(OUTPUT_DIR=output_dir, RESUME=1, SEEDS=1)  # the kernel inherits these
+    executed = execute_notebook()
     printed = "".join(
-        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+        output.get("text", "") for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "seed0: resuming after epoch 1" in printed
-
-    assert final_results(interrupted_dir) == final_results(uninterrupted_dir)
-    original = au.load_checkpoint(uninterrupted_dir / "model.pt").state_dict()
-    resumed = au.load_checkpoint(interrupted_dir / "model.pt").state_dict()
-    assert all(torch.equal(original[name], resumed[name]) for name in original)
-
-
-def test_non_finite_loss_stops_training_naming_epoch_and_batch(short_run_env, monkeypatch):
-    monkeypatch.setenv("ADDER_MAX_LR", "1e30")
-    with pytest.raises(CellExecutionError, match=r"NaN or infinite in epoch 1, batch \d+"):
-        execute_notebook()
-    # The broken epoch was not saved as a resumable state.
-    assert not (short_run_env / "resume" / "seed0.pt").exists()
+    assert same_weights(au.load_checkpoint(output_dir / "model.pt"), model)
+    with open(output_dir / "history.csv") as file:
+        logged = [row for row in csv.DictReader(file) if row["run"] == "seed0"]
+    assert [int(row["epoch"]) for row in logged] == [row["epoch"] for row in history]
+    for row, expected in zip(logged, history):
+        for key in ("loss", "digit_acc", "sum_acc", "joint_acc", "lr"):
+            assert float(row[key]) == pytest.approx(expected[key], rel=1e-6), (row["epoch"], key)

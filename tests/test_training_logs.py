@@ -44,18 +44,127 @@ def test_run_record_names_the_machine_and_versions():
     assert len(record["seeds"]) == record["settings"]["SEEDS"]
 
 
-def test_readme_reports_the_logged_figures():
-    readme = (REPO / "README.md").read_text()
+README = REPO / "README.md"
+
+
+def readme_prose():
+    """The README with every run of whitespace made one space, so that line breaks do not matter."""
+    return " ".join(README.read_text().split())
+
+# The first cell of each row of the README's results table, and the metric it reports.
+RESULTS_ROWS = {
+    "digit accuracy": "digit_acc",
+    "sum accuracy": "sum_acc",
+    "joint accuracy (both right)": "joint_acc",
+    "sum accuracy given a correct digit": "sum_acc_given_correct_digit",
+    "consistency (sum = digit + addend)": "consistency",
+    "digit invariance (same digit for all 10 addends)": "digit_invariance",
+}
+
+
+def table_rows(text):
+    """Every markdown table row in ``text``, as a list of stripped cells."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.strip().startswith("|") and not line.strip().startswith("| ---")
+    ]
+
+
+def row_labelled(label, text, cells):
+    """The one table row of ``cells`` cells whose first cell is ``label``."""
+    rows = [row for row in table_rows(text) if row[0] == label and len(row) == cells]
+    assert len(rows) == 1, f"the README should have one {cells}-column table row labelled {label!r}, found {len(rows)}"
+    return rows[0]
+
+
+def history_rows(run):
+    with open(LOGS / "history.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["run"] == run]
+    assert rows, f"history.csv has no rows for run {run}"
+    return rows
+
+
+def test_readme_results_table_is_the_logged_metrics():
+    readme = README.read_text()
     metrics = read_json("test_metrics.json")
-    for key in ("digit_acc", "sum_acc", "joint_acc"):
-        assert f"{metrics[key]:.2f}" in readme, key
     summary = read_json("seeds.json")["summary"]
-    for key in ("digit_acc", "joint_acc"):
-        assert f"{summary[key]['mean']:.3f} ± {summary[key]['std']:.3f}" in readme, key
+    for label, key in RESULTS_ROWS.items():
+        statistics = summary[key]
+        assert row_labelled(label, readme, 5)[1:] == [
+            f"{metrics[key]:.2f} %",
+            f"{statistics['mean']:.3f} ± {statistics['std']:.3f} %",
+            f"{statistics['min']:.2f} %",
+            f"{statistics['max']:.2f} %",
+        ], label
+    oracle = row_labelled("oracle adder (digit classifier + exact arithmetic)", readme, 5)
+    assert oracle[1] == f"{metrics['oracle_sum_acc']:.2f} %"
+    assert f"{metrics['pairs']:,} pairs" in readme_prose() and metrics["pairs"] == 10 * metrics["images"]
+
+
+def test_readme_names_the_run_that_made_the_results():
+    readme = readme_prose()
     record = read_json("run_record.json")
+    environment = record["environment"]
     if record["cpu_run"]:
         assert "CPU run" in readme
-    assert record["environment"]["device_name"] in readme
+    assert environment["device_name"] in readme
+    for name, version in (("Python", environment["python"]), ("torch", environment["torch"]),
+                          ("torchvision", environment["torchvision"])):
+        assert f"{name} {version}" in readme, name
+    seed = record["seeds"][0]
+    assert (
+        f"(seed {seed}, {record['parameters']:,} parameters, {record['settings']['EPOCHS']} epochs)" in readme
+    )
+
+
+def test_readme_timings_are_the_logged_ones():
+    readme = readme_prose()
+    record = read_json("run_record.json")
+    assert f"{record['main_run_training_seconds']:.0f} s of training" in readme
+    assert f"({record['main_run_seconds']:.0f} s with validation and checkpoints)" in readme
+    assert f"took {record['notebook_seconds']:,.0f} s" in readme
+
+
+def test_readme_counts_of_wrong_images_and_sums_are_the_logged_ones():
+    readme = readme_prose()
+    metrics = read_json("test_metrics.json")
+    assert f"The {len(metrics['wrong_images'])} test images the main model reads wrong" in readme
+    by_addend = {f"{value:.2f}" for value in metrics["joint_acc_by_addend"]}
+    if len(by_addend) == 1:  # the README says "for every addend" only when it is so
+        assert f"Joint accuracy is {by_addend.pop()}% for every addend" in readme
+    else:
+        assert "for every addend" not in readme
+    by_sum, pairs = metrics["joint_acc_by_sum"], metrics["pairs_by_sum"]
+    assert f"{by_sum[0]:.2f}% for sum 0 ({pairs[0]:,} pairs" in readme
+    assert f"{by_sum[18]:.2f}% for sum 18 ({pairs[18]:,} pairs" in readme
+
+
+def test_readme_seed_table_is_the_logged_runs():
+    readme = README.read_text()
+    runs = read_json("seeds.json")["runs"]
+    assert [run["seed"] for run in runs] == read_json("run_record.json")["seeds"]
+    for run in runs:
+        final_validation = float(history_rows(f"seed{run['seed']}")[-1]["digit_acc"])
+        assert row_labelled(str(run["seed"]), readme, 5)[1:] == [
+            f"{run['digit_acc']:.2f}", f"{run['sum_acc']:.2f}", f"{run['joint_acc']:.2f}", f"{final_validation:.2f}"
+        ], f"seed {run['seed']}"
+
+
+def test_readme_held_out_experiment_is_the_logged_one():
+    readme = README.read_text()
+    held_out = read_json("held_out.json")
+    pairs = [tuple(pair) for pair in held_out["held_out_pairs"]]
+    assert ", ".join(f"({digit}, {addend})" for digit, addend in pairs) in readme_prose()
+    for label, key in (("the 90 seen in training", "seen"), ("the 10 held out", "unseen")):
+        result = held_out[key]
+        assert row_labelled(label, readme, 4)[1:] == [
+            f"{result['samples']:,}", f"{result['sum_acc']:.2f}%", f"{result['sum_acc_given_correct_digit']:.2f}%"
+        ], label
+    assert f"Its digit accuracy is unchanged ({held_out['unseen']['digit_acc']:.2f}%" in readme_prose()
+    table = held_out["adder_table"]
+    answers = ", ".join(f"{digit}+{addend} -> {table[digit][addend]}" for digit, addend in pairs)
+    assert answers in readme_prose()
 
 
 def test_readme_training_log_table_is_the_main_runs_history():
