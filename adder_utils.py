@@ -216,24 +216,48 @@ def all_pairs() -> torch.Tensor:
     return torch.ones(NUM_DIGITS, NUM_DIGITS, dtype=torch.bool)
 
 
-def held_out_pairs(count: int, seed: int) -> list[tuple[int, int]]:
-    """``count`` (digit, addend) pairs to keep out of training, chosen so that every digit,
-    every addend and every sum still appears in training.
+def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True) -> list[tuple[int, int]]:
+    """``count`` random (digit, addend) pairs to keep out of training, drawn with ``seed``.
 
-    Each digit loses at most one addend and each addend at most one digit (a seeded
-    permutation), and no sum loses all of its pairs: (0, 0) and (9, 9), the only pairs that
-    sum to 0 and 18, always stay in.
+    Every digit and every addend keeps at least one pair in training, so that training says
+    something about each of them; with ``keep_every_sum`` every sum 0-18 keeps one too
+    ((0, 0) and (9, 9), the only pairs that sum to 0 and 18, then always stay in).
     """
-    if not 0 < count <= NUM_DIGITS:
-        raise ValueError(f"count must be 1 to {NUM_DIGITS}, got {count}")
+    largest = NUM_DIGITS * NUM_DIGITS - 2 * NUM_DIGITS + 1  # fewer seen pairs cannot cover 10 + 10 values
+    if not 0 < count <= largest:
+        raise ValueError(f"count must be 1 to {largest}, got {count}")
     generator = torch.Generator().manual_seed(seed)
+    pairs = [(digit, addend) for digit in range(NUM_DIGITS) for addend in range(NUM_DIGITS)]
     while True:
-        addend_of = torch.randperm(NUM_DIGITS, generator=generator).tolist()
-        digits = torch.randperm(NUM_DIGITS, generator=generator)[:count].tolist()
-        pairs = sorted((digit, addend_of[digit]) for digit in digits)
-        sums_left = {d + a for d in range(NUM_DIGITS) for a in range(NUM_DIGITS) if (d, a) not in pairs}
-        if len(sums_left) == NUM_SUMS:
-            return pairs
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        held = sorted(pairs[index] for index in order[:count])
+        seen = allowed_pairs_without(held)
+        every_value_seen = bool(seen.any(dim=1).all() and seen.any(dim=0).all())
+        sums_seen = {digit + addend for digit, addend in pairs if seen[digit, addend]}
+        if every_value_seen and (len(sums_seen) == NUM_SUMS or not keep_every_sum):
+            return held
+
+
+def seen_pairs_connect_every_value(allowed: torch.Tensor) -> bool:
+    """Whether the seen pairs link every digit and every addend into one group.
+
+    Think of the 10 digits and 10 addends as 20 points, and of each seen pair (d, a) as a line
+    between d and a. Each seen pair says ``value(d) + value(a) = d + a``. Along a path of such
+    lines, these equations fix ``value(d) + value(a)`` for every digit d and addend a of the same
+    group, seen together or not; two groups could shift apart by any amount. So the seen pairs
+    fix every sum exactly when the 20 points form one connected group (at least 19 pairs).
+    """
+    group = list(range(2 * NUM_DIGITS))  # union-find: digits 0-9, addends 10-19
+
+    def root(point):
+        while group[point] != point:
+            group[point] = group[group[point]]
+            point = group[point]
+        return point
+
+    for digit, addend in torch.nonzero(allowed).tolist():
+        group[root(digit)] = root(NUM_DIGITS + addend)
+    return len({root(point) for point in range(2 * NUM_DIGITS)}) == 1
 
 
 def allowed_pairs_without(pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -300,48 +324,99 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+class NumberLineSumHead(nn.Module):
+    """(digit code, addend code) -> 19 sum logits, through one learned point on a number line.
+
+    The 20 input numbers are the digit's and the addend's one-hot codes. A linear layer with a
+    single output places the pair at a point ``z``: its weights are a learned *value* for each
+    digit and each addend, so ``z = value(digit) + value(addend) + bias``. Each sum ``s`` then
+    scores by how close it lies to ``z``: ``logit_s = -SHARPNESS * (z - s)**2``.
+
+    Built in: the 19 sums sit at 0, 1, ..., 18 on a line, and how sharply the score falls
+    with distance. Learned, from random starting values: where each digit and each addend
+    sits on that line. A pair never seen in training still lands at the sum of its two
+    learned values, so this head can add pairs it never saw, where a head with one free logit
+    per sum (``OneHotClassSumHead``) can only memorise the pairs it saw (notebook, section 10).
+
+    Why this works with cross-entropy, without label smoothing:
+    ``-k (z - s)**2 = -k z**2 + k (2 z s - s**2)``; softmax ignores the first term, which all
+    sums share, so the head computes ``k (2 z s - s**2)``. These logits are linear in ``z``,
+    and ``z`` in the weights, so the loss is convex: SGD cannot get stuck. Its gradient for a
+    pair is ``2k (mean of s under the softmax - target)``, zero when the head's expected sum
+    is the true sum: for sums inside 1-17 that is ``z = d + a`` to within 1e-3, so the values
+    that fit the seen pairs are the exact ones, and they add the unseen pairs right.
+    (Label smoothing would move every target's expected sum toward 9, by a different amount
+    for each sum, which bends the line.) The sharpness is fixed because a learned one grows
+    without limit on pairs the head already gets right, and then training stops before the
+    values are exact: in our runs of the head alone, a learned sharpness added fewer unseen
+    pairs right.
+    """
+
+    SHARPNESS = 2.0  # k: neighbouring sums' logits differ by 2 when z sits on a sum
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Linear(2 * NUM_DIGITS, 1)  # random start: PyTorch's default init
+        # The sums' positions on the line: built in, not learned (a buffer, not a parameter).
+        self.register_buffer("sum_positions", torch.arange(NUM_SUMS, dtype=torch.float32), persistent=False)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        # In float32 even under bfloat16 autocast: bf16 keeps 8 bits of mantissa, so near 16
+        # a point could only move in steps of 1/16, too coarse for an exact sum.
+        with torch.autocast(codes.device.type, enabled=False):
+            point = self.value(codes.float())  # (N, 1): z
+            return self.SHARPNESS * (2 * point * self.sum_positions - self.sum_positions**2)
+
+    @torch.no_grad()
+    def learned_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the head places each digit and each addend: ``(digit_values, addend_values)``.
+
+        Only the sum of a digit value and an addend value matters, so a constant could move
+        from every digit to every addend; digit 0 is reported at 0 (the bias goes to the
+        addends), so that a head that adds exactly gives ``digit_values[d] == d`` and
+        ``addend_values[a] == a``.
+        """
+        weights = self.value.weight.flatten().float().cpu()
+        digit_weights, addend_weights = weights[:NUM_DIGITS], weights[NUM_DIGITS:]
+        return digit_weights - digit_weights[0], addend_weights + digit_weights[0] + float(self.value.bias)
+
+
 class AdderNet(nn.Module):
     """Image -> digit logits (10); (digit answer, addend) -> sum logits (19).
 
-    The image goes through a small convolutional backbone (3x3 conv-BN-ReLU blocks, two
-    max-pools, global average pooling) to 10 digit logits. The sum head never sees pixels:
-    it reads the network's own digit answer, as a one-hot vector, next to the addend's
-    one-hot vector, and a small MLP maps those 20 numbers to 19 sum logits. So the digit
-    cannot depend on the addend, and the sum agrees with the digit once the head has
-    learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
+    The image goes through a small convolutional backbone: stages of 3x3 conv-BN-ReLU blocks
+    with a 2x2 max-pool between stages (28 -> 14 -> 7), then global average pooling and a
+    linear layer to 10 digit logits. ``stages`` gives each stage's output widths. The sum head
+    never sees pixels: it reads the network's own digit answer, as a one-hot vector, next to
+    the addend's one-hot vector, and places the pair on a number line (``NumberLineSumHead``).
+    So the digit cannot depend on the addend, and the sum agrees with the digit once the head
+    has learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
     loss trains the sum head.
     """
 
-    def __init__(self, widths=(8, 16, 20, 24, 32), sum_hidden=16):
+    def __init__(self, stages=((8, 16), (20, 24), (32,))):
         super().__init__()
-        self.widths = tuple(widths)
-        self.sum_hidden = sum_hidden
-        c1, c2, c3, c4, c5 = self.widths
-        self.backbone = nn.Sequential(
-            conv_bn_relu(1, c1),
-            conv_bn_relu(c1, c2),
-            nn.MaxPool2d(2),  # 28 -> 14
-            conv_bn_relu(c2, c3),
-            conv_bn_relu(c3, c4),
-            nn.MaxPool2d(2),  # 14 -> 7
-            conv_bn_relu(c4, c5),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.digit_head = nn.Linear(c5, NUM_DIGITS)
-        self.sum_head = nn.Sequential(
-            nn.Linear(2 * NUM_DIGITS, sum_hidden), nn.ReLU(inplace=True), nn.Linear(sum_hidden, NUM_SUMS)
-        )
+        self.stages = tuple(tuple(stage) for stage in stages)
+        layers, channels = [], 1
+        for index, stage in enumerate(self.stages):
+            if index:
+                layers.append(nn.MaxPool2d(2))
+            for width in stage:
+                layers.append(conv_bn_relu(channels, width))
+                channels = width
+        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.digit_head = nn.Linear(channels, NUM_DIGITS)
+        self.sum_head = NumberLineSumHead()
 
     def config(self) -> dict:
         """What ``AdderNet(**config)`` needs to rebuild this architecture."""
-        return {"widths": list(self.widths), "sum_hidden": self.sum_hidden}
+        return {"stages": [list(stage) for stage in self.stages]}
 
     def forward(self, images: torch.Tensor, addends: torch.Tensor):
         digit_logits = self.digit_head(self.backbone(images))
         digit_code = F.one_hot(digit_logits.argmax(dim=1), NUM_DIGITS)
         addend_code = F.one_hot(addends, NUM_DIGITS)
-        sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1).to(digit_logits.dtype))
+        sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1))
         return digit_logits, sum_logits
 
 
@@ -381,9 +456,33 @@ class EpochMeter:
             raise FloatingPointError(
                 f"The training loss became NaN or infinite in epoch {epoch}, batch {first_bad} "
                 "(counting from 0). Training stopped instead of going on with broken weights; "
-                "the last good epoch's checkpoint is kept. Try a lower learning rate."
+                "the last good epoch's resumable state is kept. Try a lower learning rate "
+                "(MAX_LR) in a fresh run: set RESUME to False, because a resumed run keeps the "
+                "learning rate and schedule it was saved with."
             )
         return float(self.loss_sum) / max(self.batches, 1)
+
+
+def check_same_recipe(saved: dict | None, current: dict, path) -> None:
+    """Refuse to resume a run whose saved recipe differs from the current one.
+
+    The saved optimizer and scheduler bring back the old peak LR and schedule length, so a run
+    resumed under changed settings would silently go on with the old ones. Raises ValueError
+    naming every setting that differs, and how to start fresh instead.
+    """
+    saved = saved or {}
+    changed = [
+        f"{key}: saved {saved.get(key, '(not set)')!r}, now {current.get(key, '(not set)')!r}"
+        for key in sorted(saved.keys() | current.keys())
+        if key not in saved or key not in current or saved[key] != current[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {path}: it was saved with a different recipe ("
+            + "; ".join(changed)
+            + "). Put those settings back to resume it, or start that run fresh with "
+            "RESUME set to False."
+        )
 
 
 def smooth_lr_range_test(record: list[tuple[float, float]], smoothing=0.9):
@@ -514,23 +613,32 @@ def pair_accuracy(model, images, digits, pairs: list[tuple[int, int]]) -> dict:
     return results
 
 
+def exact_codes(digits: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
+    """The sum head's input for exact digits: the digit's one-hot code next to the addend's."""
+    return torch.cat([F.one_hot(digits, NUM_DIGITS), F.one_hot(addends, NUM_DIGITS)], dim=1).float()
+
+
 @torch.no_grad()
-def adder_table(model: AdderNet) -> torch.Tensor:
-    """The sum head's answer for every exact (digit, addend) pair of one-hot codes: a (10, 10)
-    table whose entry [digit, addend] should be digit + addend. It shows what the head learned,
-    apart from how well the backbone reads digits.
+def adder_table(sum_head: nn.Module) -> torch.Tensor:
+    """A sum head's answer for every exact (digit, addend) pair: a (10, 10) table whose entry
+    [digit, addend] should be digit + addend. Given ``model.sum_head``, it shows what the head
+    learned, apart from how well the backbone reads digits.
     """
-    device = next(model.parameters()).device
+    device = next(sum_head.parameters()).device
     digits, addends = torch.meshgrid(torch.arange(NUM_DIGITS), torch.arange(NUM_DIGITS), indexing="ij")
-    codes = torch.cat(
-        [F.one_hot(digits.flatten(), NUM_DIGITS), F.one_hot(addends.flatten(), NUM_DIGITS)], dim=1
-    ).float()
-    was_training = model.training
-    model.eval()
+    codes = exact_codes(digits.flatten(), addends.flatten())
+    was_training = sum_head.training
+    sum_head.eval()
     try:
-        return model.sum_head(codes.to(device)).argmax(dim=1).reshape(NUM_DIGITS, NUM_DIGITS).cpu()
+        return sum_head(codes.to(device)).argmax(dim=1).reshape(NUM_DIGITS, NUM_DIGITS).cpu()
     finally:
-        model.train(was_training)
+        sum_head.train(was_training)
+
+
+def table_accuracy(table: torch.Tensor, pairs: torch.Tensor) -> float:
+    """% of the (digit, addend) cells where ``pairs`` is True that ``table`` adds right."""
+    right = table == torch.arange(NUM_DIGITS)[:, None] + torch.arange(NUM_DIGITS)
+    return 100.0 * right[pairs].float().mean().item()
 
 
 # The final test metrics compared across seeds.
@@ -557,6 +665,70 @@ def summarize_runs(values: list[float]) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# Does it add? The sum head alone
+# --------------------------------------------------------------------------------------
+
+
+class OneHotClassSumHead(nn.Sequential):
+    """The usual sum head, for comparison: an MLP from the two one-hot codes (20 numbers) to
+    one free logit per sum class (20 -> 16 -> 19). Nothing in it says that sums are ordered,
+    and the logit of sum d + a is never a target when (d, a) is never seen, so cross-entropy
+    only ever pushes it down: it can memorise the pairs it saw, not add new ones."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__(nn.Linear(2 * NUM_DIGITS, hidden), nn.ReLU(), nn.Linear(hidden, NUM_SUMS))
+
+
+def train_sum_head_alone(sum_head: nn.Module, allowed: torch.Tensor, seed: int, steps: int = 2000,
+                         batch_size: int = 256, max_lr: float = 0.2, weight_decay: float = 1e-4) -> nn.Module:
+    """Train a sum head on exact digit codes, only on the ``allowed`` pairs, with the notebook's
+    optimizer and schedule (SGD with Nesterov momentum under OneCycle) and plain cross-entropy.
+
+    No images: the digits are exact, so this measures what the head itself can learn, in
+    seconds on a CPU. Returns the head, trained, in eval mode.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(sum_head.parameters(), lr=max_lr, momentum=0.9, nesterov=True,
+                                weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps)
+    seen_digits = torch.nonzero(allowed.any(dim=1)).flatten()  # every digit, unless told otherwise
+    sum_head.train()
+    for _ in range(steps):
+        digits = seen_digits[torch.randint(0, len(seen_digits), (batch_size,), generator=generator)]
+        addends = draw_addends(digits, allowed, generator)
+        loss = F.cross_entropy(sum_head(exact_codes(digits, addends)), digits + addends)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return sum_head.eval()
+
+
+def pairs_needed_study(held_out_counts, seeds, steps: int = 2000) -> list[dict]:
+    """For each count of held-out pairs and each seed: hold out that many random pairs (every
+    digit and addend still seen), train both kinds of sum head alone on the rest, and score
+    each on the pairs it never saw. One row per (count, seed, head)."""
+    heads = {"one-hot class head": OneHotClassSumHead, "number-line head": NumberLineSumHead}
+    rows = []
+    for count in held_out_counts:
+        for seed in seeds:
+            held = held_out_pairs(count, seed, keep_every_sum=False)
+            allowed = allowed_pairs_without(held)
+            for head_name, make_head in heads.items():
+                torch.manual_seed(seed)
+                head = train_sum_head_alone(make_head(), allowed, seed, steps)
+                table = adder_table(head)
+                rows.append({
+                    "held_out": count, "seed": seed, "head": head_name,
+                    "connected": seen_pairs_connect_every_value(allowed),
+                    "seen_acc": table_accuracy(table, allowed),
+                    "unseen_acc": table_accuracy(table, ~allowed),
+                })
+    return rows
+
+
+# --------------------------------------------------------------------------------------
 # Plotting
 # --------------------------------------------------------------------------------------
 
@@ -571,7 +743,10 @@ def plot_history(history: list[dict], title: str | None = None):
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
     loss_axis.plot(epochs, [row["loss"] for row in history], marker="o")
-    loss_axis.set(xlabel="epoch", ylabel="training loss (digit CE + sum CE)", title="Training loss")
+    # Log scale: an untrained sum head places every pair near 0 while the sums average 9, and
+    # its loss grows with the squared distance, so the first epoch's loss dwarfs the rest.
+    loss_axis.set_yscale("log")
+    loss_axis.set(xlabel="epoch", ylabel="training loss (digit CE + sum CE, log scale)", title="Training loss")
     for key, label, style in [("digit_acc", "digit", "-"), ("sum_acc", "sum", "--"), ("joint_acc", "joint", ":")]:
         errors = [max(100.0 - row[key], 0.01) for row in history]  # a log scale cannot show 0
         error_axis.plot(epochs, errors, style, marker="o", markersize=3, label=label)
@@ -627,6 +802,50 @@ def plot_predictions(images, addends, digit_pred, sum_pred, digits, columns=8, t
         axis.set_title(label, fontsize=9, color="black" if right else "tab:red")
     if title:
         figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_learned_values(sum_heads: dict):
+    """Where each sum head placed the digits and the addends on its number line, against
+    where exact addition puts them (the diagonal). ``sum_heads``: {label: NumberLineSumHead}."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for axis, which in zip(axes, ("digit", "addend")):
+        axis.plot(range(NUM_DIGITS), range(NUM_DIGITS), color="lightgrey", linewidth=4, label="exact")
+        for (label, head), marker in zip(sum_heads.items(), "ox^sv"):
+            digit_values, addend_values = head.learned_values()
+            values = digit_values if which == "digit" else addend_values
+            axis.plot(range(NUM_DIGITS), values.tolist(), marker, linestyle="none", label=label)
+        axis.set(xlabel=which, title=f"learned value of each {which}", xticks=range(NUM_DIGITS))
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("position on the number line")
+    axes[1].legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_pairs_needed(rows: list[dict]):
+    """Accuracy on the pairs never seen against how many of the 100 pairs were held out, one
+    line per kind of sum head: the mean over seeds, and each seed as a dot (hollow where the
+    seen pairs did not connect every digit and addend)."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for head_name, color in zip(sorted({row["head"] for row in rows}, reverse=True), ("tab:blue", "tab:orange")):
+        head_rows = [row for row in rows if row["head"] == head_name]
+        counts = sorted({row["held_out"] for row in head_rows})
+        means = [np.mean([r["unseen_acc"] for r in head_rows if r["held_out"] == count]) for count in counts]
+        axis.plot(counts, means, color=color, label=f"{head_name} (mean)")
+        for row in head_rows:
+            axis.scatter(row["held_out"], row["unseen_acc"], s=25, edgecolors=color,
+                         facecolors=color if row["connected"] else "none", zorder=3)
+    axis.set(xlabel="pairs held out of the 100 (never seen in training)",
+             ylabel="sums right on the unseen pairs (%)", ylim=(-5, 105),
+             title="How few pairs are enough? (the sum head alone)")
+    axis.legend(loc="center left")
+    axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
 

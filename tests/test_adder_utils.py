@@ -264,15 +264,12 @@ def test_normalize_images_standardises_mnist(test_images):
     assert abs(normalized.std().item() - 1) < 0.1
 
 
-def test_held_out_pairs_shape_of_the_choice():
-    for count in range(1, 11):
-        pairs = au.held_out_pairs(count, seed=count)
-        assert len(pairs) == count == len(set(pairs))
-        digits, addends = zip(*pairs)
-        assert len(set(digits)) == count and len(set(addends)) == count  # each at most once
-        assert all(0 <= value <= 9 for value in digits + addends)
-        assert (0, 0) not in pairs and (9, 9) not in pairs
-        assert pairs == sorted(pairs)
+@pytest.mark.parametrize("count", [1, 10, 50, 81])
+def test_held_out_pairs_shape_of_the_choice(count):
+    pairs = au.held_out_pairs(count, seed=count, keep_every_sum=False)
+    assert len(pairs) == count == len(set(pairs))
+    assert all(0 <= value <= 9 for pair in pairs for value in pair)
+    assert pairs == sorted(pairs)
 
 
 def test_held_out_pairs_is_deterministic():
@@ -280,28 +277,55 @@ def test_held_out_pairs_is_deterministic():
     assert au.held_out_pairs(10, seed=0) != au.held_out_pairs(10, seed=1)
 
 
-@pytest.mark.parametrize("count", [0, 11])
+@pytest.mark.parametrize("count", [0, 82])
 def test_held_out_pairs_rejects_bad_counts(count):
     with pytest.raises(ValueError, match="count"):
         au.held_out_pairs(count, seed=0)
 
 
+def kept_pairs(pairs):
+    allowed = au.allowed_pairs_without(pairs)
+    return [(d, a) for d in range(10) for a in range(10) if allowed[d, a]]
+
+
 def test_held_out_pairs_keep_every_digit_addend_and_sum_in_training():
-    """The docstring's promise, for every count and many seeds: what is left still shows
-    every digit, every addend and every sum 0-18."""
+    """The docstring's promise, for many counts and seeds: what is left still shows every
+    digit, every addend and every sum 0-18."""
     failures = []
-    for count in range(1, 11):
-        for seed in range(200):
-            pairs = au.held_out_pairs(count, seed)
-            allowed = au.allowed_pairs_without(pairs)
-            kept = [(d, a) for d in range(10) for a in range(10) if allowed[d, a]]
+    for count in (1, 5, 10, 20, 30):
+        for seed in range(40):
+            kept = kept_pairs(au.held_out_pairs(count, seed))
             if (
                 {d for d, _ in kept} != set(range(10))
                 or {a for _, a in kept} != set(range(10))
                 or {d + a for d, a in kept} != set(range(19))
             ):
-                failures.append((count, seed, pairs))
-    assert not failures, f"{len(failures)} choices lose a sum, e.g. count, seed, pairs = {failures[0]}"
+                failures.append((count, seed))
+    assert not failures, f"{len(failures)} choices lose a digit, addend or sum, e.g. count, seed = {failures[0]}"
+
+
+def test_held_out_pairs_without_every_sum_still_keep_every_digit_and_addend():
+    lost_a_sum = False
+    for seed in range(40):
+        kept = kept_pairs(au.held_out_pairs(80, seed, keep_every_sum=False))
+        assert {d for d, _ in kept} == set(range(10)) and {a for _, a in kept} == set(range(10))
+        lost_a_sum |= {d + a for d, a in kept} != set(range(19))
+    assert lost_a_sum  # with only 20 pairs seen, some sum goes unseen: the option really lets it
+
+
+def test_seen_pairs_connect_every_value():
+    assert au.seen_pairs_connect_every_value(au.all_pairs())
+    # A chain through all 20 points, 19 pairs: (0,0) (1,0) (1,1) (2,1) ... (9,9).
+    chain = torch.zeros(10, 10, dtype=torch.bool)
+    for value in range(10):
+        chain[value, value] = True
+        if value:
+            chain[value, value - 1] = True
+    assert chain.sum() == 19 and au.seen_pairs_connect_every_value(chain)
+    chain[5, 4] = False  # cut the chain: digits and addends 0-4 no longer meet 5-9
+    assert not au.seen_pairs_connect_every_value(chain)
+    diagonal = torch.eye(10, dtype=torch.bool)  # 10 separate pairs: nothing ties d to a != d
+    assert not au.seen_pairs_connect_every_value(diagonal)
 
 
 def test_allowed_pairs_without_removes_exactly_those_pairs():
@@ -409,15 +433,77 @@ def test_count_parameters_counts_only_trainable_ones():
 
 
 def test_adder_net_config_round_trip():
-    net = au.AdderNet(widths=(4, 6, 8, 10, 12), sum_hidden=8)
+    net = au.AdderNet(stages=((4, 6), (8,), (10, 12)))
     config = net.config()
-    assert config == {"widths": [4, 6, 8, 10, 12], "sum_hidden": 8}
+    assert config == {"stages": [[4, 6], [8], [10, 12]]}
     assert json.loads(json.dumps(config)) == config
     rebuilt = au.AdderNet(**config)
     shapes = {name: tensor.shape for name, tensor in net.state_dict().items()}
     assert shapes == {name: tensor.shape for name, tensor in rebuilt.state_dict().items()}
     rebuilt.load_state_dict(net.state_dict())  # strict: same names, same shapes
     assert au.count_parameters(rebuilt) < au.count_parameters(au.AdderNet())
+
+
+def test_adder_net_stages_are_separated_by_max_pools():
+    net = au.AdderNet(stages=((4, 6), (8,), (10, 12)))
+    kinds = [type(layer).__name__ for layer in net.backbone]
+    assert kinds == ["Sequential", "Sequential", "MaxPool2d", "Sequential", "MaxPool2d", "Sequential",
+                     "Sequential", "AdaptiveAvgPool2d", "Flatten"]
+    assert net.digit_head.in_features == 12
+    assert net.backbone(torch.randn(2, 1, 28, 28)).shape == (2, 12)
+
+
+def test_number_line_head_scores_each_sum_by_its_distance_from_the_point():
+    head = au.NumberLineSumHead()
+    codes = torch.randn(7, 20)
+    point = head.value(codes)
+    sums = torch.arange(19.0)
+    expected = -head.SHARPNESS * (point - sums) ** 2
+    # Softmax ignores what every logit shares (here -k z^2), so compare after removing it.
+    logits = head(codes)
+    assert torch.allclose(logits - logits.mean(dim=1, keepdim=True), expected - expected.mean(dim=1, keepdim=True),
+                          atol=1e-3)
+    assert torch.equal(logits.argmax(dim=1), (point.squeeze(1).round().clamp(0, 18)).long())
+
+
+def test_number_line_head_starts_random_and_has_no_arithmetic_built_in():
+    torch.manual_seed(0)
+    first, second = au.NumberLineSumHead(), au.NumberLineSumHead()
+    assert not torch.equal(first.value.weight, second.value.weight)
+    assert sum(p.numel() for p in first.parameters()) == 21  # a value per digit and addend, and a bias
+    exact = torch.arange(10)[:, None] + torch.arange(10)
+    assert au.table_accuracy(au.adder_table(first), au.all_pairs()) < 50  # untrained: mostly wrong
+    assert not torch.equal(au.adder_table(first), exact)
+
+
+def test_number_line_head_stays_float32_under_bf16_autocast():
+    head = au.NumberLineSumHead()
+    codes = au.exact_codes(torch.tensor([3, 9]), torch.tensor([4, 9]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(codes)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, head(codes))
+
+
+def set_exact_values(head):
+    """Give a NumberLineSumHead the exact values: value(d) = d, value(a) = a, no bias."""
+    with torch.no_grad():
+        head.value.weight.copy_(torch.cat([torch.arange(10.0), torch.arange(10.0)])[None])
+        head.value.bias.zero_()
+    return head
+
+
+def test_learned_values_of_an_exact_head_are_the_digits_and_addends():
+    head = set_exact_values(au.NumberLineSumHead())
+    with torch.no_grad():  # move 3.5 from every digit to every addend: the same sums
+        head.value.weight[0, :10] += 3.5
+        head.value.weight[0, 10:] -= 3.5
+        head.value.bias.fill_(0.25)
+        head.value.weight[0, 10:] -= 0.25
+    digit_values, addend_values = head.learned_values()
+    assert torch.allclose(digit_values, torch.arange(10.0), atol=1e-5)
+    assert torch.allclose(addend_values, torch.arange(10.0), atol=1e-5)
+    assert torch.equal(au.adder_table(head), torch.arange(10)[:, None] + torch.arange(10))
 
 
 def test_sum_head_reads_the_digit_answer_as_an_exact_one_hot(monkeypatch):
@@ -491,6 +577,47 @@ def test_epoch_meter_first_batch_bad():
     meter.update(torch.tensor(1.0), 1)
     with pytest.raises(FloatingPointError, match=r"epoch 3, batch 0\b"):
         meter.mean_loss(epoch=3)
+
+
+def test_epoch_meter_advice_says_to_start_fresh_not_to_resume():
+    meter = au.EpochMeter("cpu")
+    meter.update(torch.tensor(float("inf")), 0)
+    with pytest.raises(FloatingPointError) as failure:
+        meter.mean_loss(epoch=1)
+    # A resumed run keeps its saved learning rate, so the advice must be a fresh run.
+    assert "lower learning rate (MAX_LR)" in str(failure.value)
+    assert "RESUME to False" in str(failure.value)
+
+
+RECIPE = {"EPOCHS": 20, "MAX_LR": 0.2, "BATCH_SIZE": 256}
+
+
+def test_check_same_recipe_accepts_the_same_recipe():
+    au.check_same_recipe(dict(RECIPE), dict(RECIPE), "resume/seed0.pt")
+
+
+@pytest.mark.parametrize(
+    "current, named",
+    [
+        ({**RECIPE, "MAX_LR": 0.1}, ["MAX_LR: saved 0.2, now 0.1"]),
+        ({**RECIPE, "EPOCHS": 30, "BATCH_SIZE": 128}, ["BATCH_SIZE: saved 256, now 128", "EPOCHS: saved 20, now 30"]),
+        ({**RECIPE, "WEIGHT_DECAY": 1e-4}, ["WEIGHT_DECAY: saved '(not set)', now 0.0001"]),
+        ({"EPOCHS": 20, "MAX_LR": 0.2}, ["BATCH_SIZE: saved 256, now '(not set)'"]),
+    ],
+)
+def test_check_same_recipe_names_every_change_and_how_to_start_fresh(current, named):
+    with pytest.raises(ValueError) as failure:
+        au.check_same_recipe(RECIPE, current, "resume/seed0.pt")
+    message = str(failure.value)
+    assert "resume/seed0.pt" in message and "RESUME set to False" in message
+    for change in named:
+        assert change in message
+    assert message.count(": saved ") == len(named)  # and nothing that did not change
+
+
+def test_check_same_recipe_refuses_a_state_saved_without_a_recipe():
+    with pytest.raises(ValueError, match="EPOCHS: saved '\\(not set\\)', now 20"):
+        au.check_same_recipe(None, RECIPE, "resume/seed0.pt")
 
 
 def test_smooth_lr_range_test_hand_case():
@@ -635,35 +762,68 @@ def test_pair_accuracy_hand_case():
     assert results["sum_acc_given_correct_digit"] == pytest.approx(100.0)
 
 
-def exact_sum_head(net):
-    """Set the sum head so that sum logit s = 2 s (digit + addend) - s^2, largest at s = digit + addend."""
-    first, last = net.sum_head[0], net.sum_head[2]
-    with torch.no_grad():
-        first.weight.zero_()
-        first.bias.zero_()
-        first.weight[0, :10] = torch.arange(10.0)  # hidden 0 = digit
-        first.weight[1, 10:] = torch.arange(10.0)  # hidden 1 = addend
-        last.weight.zero_()
-        sums = torch.arange(19.0)
-        last.weight[:, 0] = 2 * sums
-        last.weight[:, 1] = 2 * sums
-        last.bias.copy_(-(sums**2))
-    return net
-
-
 def test_adder_table_of_an_exact_sum_head():
-    net = exact_sum_head(au.AdderNet()).train()
-    table = au.adder_table(net)
+    head = set_exact_values(au.NumberLineSumHead()).train()
+    table = au.adder_table(head)
     assert table.shape == (10, 10)
     assert torch.equal(table, torch.arange(10)[:, None] + torch.arange(10))
-    assert net.training
+    assert au.table_accuracy(table, au.all_pairs()) == 100.0
+    assert head.training
 
 
 def test_adder_table_shows_a_wrong_sum_head():
-    net = exact_sum_head(au.AdderNet())
+    head = set_exact_values(au.NumberLineSumHead())
     with torch.no_grad():
-        net.sum_head[2].bias[12] += 1000.0  # outweighs every exact logit: the head now answers 12 for everything
-    assert torch.equal(au.adder_table(net), torch.full((10, 10), 12))
+        head.value.weight[0, 3] += 1.0  # digit 3 now counts as 4
+    table = au.adder_table(head)
+    assert torch.equal(table[3], torch.arange(10) + 4)
+    assert au.table_accuracy(table, au.all_pairs()) == pytest.approx(90.0)
+    only_digit_3 = torch.zeros(10, 10, dtype=torch.bool)
+    only_digit_3[3] = True
+    assert au.table_accuracy(table, only_digit_3) == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Does it add? The sum head alone
+# --------------------------------------------------------------------------------------
+
+
+def test_number_line_head_alone_learns_seen_pairs_and_adds_unseen_ones():
+    """The core claim, in seconds on the CPU: trained on 70 of the 100 pairs, the number-line
+    head adds the other 30 right; the one-hot class head learns the 70 and none of the 30."""
+    held = au.held_out_pairs(30, seed=0, keep_every_sum=False)
+    allowed = au.allowed_pairs_without(held)
+    assert au.seen_pairs_connect_every_value(allowed)
+    line = au.train_sum_head_alone(au.NumberLineSumHead(), allowed, seed=0, steps=600)
+    assert au.table_accuracy(au.adder_table(line), allowed) == 100.0
+    assert au.table_accuracy(au.adder_table(line), ~allowed) == 100.0
+    digit_values, addend_values = line.learned_values()
+    assert torch.allclose(digit_values, torch.arange(10.0), atol=0.2)
+    assert torch.allclose(addend_values, torch.arange(10.0), atol=0.2)
+    classes = au.train_sum_head_alone(au.OneHotClassSumHead(), allowed, seed=0, steps=600)
+    assert au.table_accuracy(au.adder_table(classes), allowed) == 100.0
+    assert au.table_accuracy(au.adder_table(classes), ~allowed) < 10.0
+
+
+def test_train_sum_head_alone_never_shows_a_held_out_pair(monkeypatch):
+    held = [(2, 3), (7, 7)]
+    shown = []
+    real = au.exact_codes
+    monkeypatch.setattr(au, "exact_codes", lambda d, a: shown.append((d, a)) or real(d, a))
+    au.train_sum_head_alone(au.NumberLineSumHead(), au.allowed_pairs_without(held), seed=0, steps=5)
+    pairs = {(d, a) for digits, addends in shown for d, a in zip(digits.tolist(), addends.tolist())}
+    assert len(shown) == 5 and len(pairs) > 80
+    assert not pairs & set(held)
+
+
+def test_pairs_needed_study_rows():
+    rows = au.pairs_needed_study([10, 80], seeds=[0, 1], steps=50)
+    assert len(rows) == 2 * 2 * 2
+    assert {row["head"] for row in rows} == {"one-hot class head", "number-line head"}
+    for row in rows:
+        held = au.held_out_pairs(row["held_out"], row["seed"], keep_every_sum=False)
+        assert row["connected"] == au.seen_pairs_connect_every_value(au.allowed_pairs_without(held))
+        assert 0 <= row["seen_acc"] <= 100 and 0 <= row["unseen_acc"] <= 100
 
 
 def test_summarize_runs():
@@ -895,13 +1055,13 @@ def test_load_checkpoint_other_format_version(model, tmp_path):
 
 def test_load_checkpoint_weights_of_a_different_model(tmp_path):
     path = tmp_path / "model.pt"
-    au.save_checkpoint(au.AdderNet(widths=(4, 4, 4, 4, 4)), path)
+    au.save_checkpoint(au.AdderNet(stages=((4, 4), (4,))), path)
     contents = torch.load(path, weights_only=True)
     contents["model_config"] = au.AdderNet().config()  # the config no longer fits the weights
     torch.save(contents, path)
     with pytest.raises(ValueError, match="different model"):
         au.load_checkpoint(path)
-    contents["model_config"] = {"widths": [4] * 5, "sum_hidden": 16, "dropout": 0.1}
+    contents["model_config"] = {"stages": [[4, 4], [4]], "dropout": 0.1}
     torch.save(contents, path)
     with pytest.raises(ValueError, match="different model"):
         au.load_checkpoint(path)
@@ -942,19 +1102,29 @@ def test_atomic_save_crash_keeps_the_previous_file(model, tmp_path, monkeypatch)
     au.load_checkpoint(path)
 
 
+def make_optimizer_and_schedule(model):
+    """The notebook's optimizer and schedule (SGD with Nesterov momentum under OneCycle)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+
+
 def test_training_state_round_trip(model, tmp_path):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer, scheduler = make_optimizer_and_schedule(model)
     model.train()
-    digit_logits, sum_logits = model(torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]))
-    (digit_logits.sum() + sum_logits.sum()).backward()
-    optimizer.step()  # so the optimizer has momentum buffers to save
+    for _ in range(3):  # so the optimizer has momentum buffers and the schedule a position to save
+        digit_logits, sum_logits = model(torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]))
+        (digit_logits.sum() + sum_logits.sum()).backward()
+        optimizer.step()
+        scheduler.step()
     generator = torch.Generator().manual_seed(5)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "generator": generator.get_state(),
         "epoch": 3,
-        "history": [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}],
+        "history": [{"epoch": 1, "loss": 0.5, "digit_acc": 98.5}, {"epoch": 2, "loss": 0.25, "digit_acc": 99.0}],
+        "recipe": {"EPOCHS": 20, "MAX_LR": 0.2, "TRAIN_SIZE": 0},
     }
     path = tmp_path / "resume" / "seed0.pt"
     au.save_training_state(path, state)
@@ -965,8 +1135,19 @@ def test_training_state_round_trip(model, tmp_path):
     assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], momentum)
     restored = torch.Generator().set_state(loaded["generator"])
     assert torch.equal(torch.rand(5, generator=restored), torch.rand(5, generator=generator))
-    fresh_optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert loaded["recipe"] == state["recipe"]
+    # A fresh optimizer and schedule that load the state continue exactly where the saved ones were:
+    # same learning rate and momentum (OneCycle cycles both) at every following step.
+    fresh_optimizer, fresh_scheduler = make_optimizer_and_schedule(model)
     fresh_optimizer.load_state_dict(loaded["optimizer"])
+    fresh_scheduler.load_state_dict(loaded["scheduler"])
+    for _ in range(5):
+        for old_group, new_group in zip(optimizer.param_groups, fresh_optimizer.param_groups):
+            assert (new_group["lr"], new_group["momentum"]) == (old_group["lr"], old_group["momentum"])
+        optimizer.step()
+        scheduler.step()
+        fresh_optimizer.step()
+        fresh_scheduler.step()
 
 
 def test_write_json_creates_folders(tmp_path):
