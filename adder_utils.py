@@ -689,8 +689,7 @@ def train_sum_head_alone(sum_head: nn.Module, allowed: torch.Tensor, seed: int, 
     No images: the digits are exact, so this measures what the head itself can learn, in
     seconds on a CPU. Returns the head, trained, in eval mode.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the only randomness left: batches and addends
     optimizer = torch.optim.SGD(sum_head.parameters(), lr=max_lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps)
