@@ -72,6 +72,7 @@ SETTINGS = {
     # Throughput.
     "warmup_steps": 10,        # run before the clock starts; the first one holds the compile
     "timed_steps": 100,        # the throughput window: 25,600 images at batch 256
+    "profiled_steps": 20,      # after the window, under torch.profiler: where a step's time goes
     # Time to target.
     "target_digit_acc": 99.0,  # validation digit accuracy, %
     "target_epochs": 5,        # the OneCycle schedule of the time-to-target run spans this many epochs
@@ -88,6 +89,7 @@ SETTINGS = {
 SHORT_SETTINGS = {
     "warmup_steps": 1,
     "timed_steps": 3,
+    "profiled_steps": 2,
     "target_epochs": 1,
     "train_size": 1024,        # 4 steps per epoch
     "eval_size": 500,
@@ -124,13 +126,17 @@ PIPELINES = [
      "needs": "cuda"},
 ]
 
-# The targets of the issue that asked for this benchmark, per device type.
+# The rows profiled with torch.profiler after their throughput window: the notebook's recipes.
+PROFILED_ROWS = {"notebook_cpu", "notebook_gpu", "notebook_gpu_cudagraphs"}
+
+# The targets of the issues that asked for this benchmark (12 for the CPU, 13 for an H100 or
+# H200), per device type.
 CPU_TARGET_SPEEDUP = 2.0
 CPU_TARGET_MFU = 0.60          # model FLOP rate / this machine's fp32 matmul rate
 GPU_TARGET_SPEEDUP = 50.0
 GPU_TARGET_RUN_EPOCHS = 20     # the notebook's full run ...
-GPU_TARGET_RUN_SECONDS = 10.0  # ... in at most this long, compile excluded
-GPU_TARGET_TEST_SECONDS = 1.0  # 99.0% test digit accuracy within this much training
+GPU_TARGET_RUN_SECONDS = 3.0   # ... in at most this long, compile excluded
+GPU_TARGET_VAL_SECONDS = 0.5   # 99.0% validation digit accuracy within this much training
 
 
 # --------------------------------------------------------------------------------------
@@ -346,7 +352,8 @@ def measure_pipeline(pipeline, data, settings, device):
     model.train()
 
     warmup_steps, window_steps = settings["warmup_steps"], settings["timed_steps"]
-    optimizer, scheduler = make_optimizer(model, settings, total_steps=warmup_steps + window_steps)
+    profiled_steps = settings["profiled_steps"] if pipeline["key"] in PROFILED_ROWS else 0
+    optimizer, scheduler = make_optimizer(model, settings, total_steps=warmup_steps + window_steps + profiled_steps)
     batches = batches_for(pipeline, data, settings, device)
     run = (forward, optimizer, scheduler, batches)
     first_step_seconds, _ = timed_steps(*run, 1, pipeline, settings, device)
@@ -356,6 +363,8 @@ def measure_pipeline(pipeline, data, settings, device):
     if not math.isfinite(window_mean_loss):
         raise FloatingPointError(f"{pipeline['name']}: the loss became NaN or infinite while timing")
     images_per_second = window_steps * settings["batch_size"] / window_seconds
+    profile = (where_the_time_goes(run, profiled_steps, window_seconds / window_steps, pipeline, settings, device)
+               if profiled_steps else None)
 
     # Back to the fresh weights in place: the compiled code stays valid, so the clock of the
     # time-to-target run starts with compiling already done.
@@ -376,7 +385,60 @@ def measure_pipeline(pipeline, data, settings, device):
         "timed_seconds": window_seconds,
         "timed_mean_loss": window_mean_loss,
         "time_to_target": time_to_target,
+        "profile": profile,
     }
+
+
+def where_the_time_goes(run, steps, seconds_per_step, pipeline, settings, device, top=8):
+    """Train ``steps`` more steps under torch.profiler: the device's kernel time per step
+    against the wall-clock time per step of the unprofiled window (``seconds_per_step``), the
+    kernels launched per step, and the operations that take the most time on the host and on
+    the device. A model this small is bound by launching kernels when the host spends longer
+    per step than the device."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        profiled_seconds, _ = timed_steps(*run, steps, pipeline, settings, device)
+
+    def per_step_ms(microseconds):
+        return microseconds / steps / 1000
+
+    # Kernels, copies and fills on the GPU. They run one at a time on this single stream, so
+    # their durations add up to the time the device was busy.
+    device_time = {}
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            name = event.name[:90]
+            total, count = device_time.get(name, (0.0, 0))
+            device_time[name] = (total + event.time_range.elapsed_us(), count + 1)
+    host_ops = sorted(profiler.key_averages(), key=lambda average: average.self_cpu_time_total, reverse=True)
+    wall_ms = seconds_per_step * 1000
+    result = {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "profiled_wall_ms_per_step": profiled_seconds * 1000 / steps,
+        "top_host_ops": [
+            {"name": average.key[:90], "self_ms_per_step": per_step_ms(average.self_cpu_time_total),
+             "calls_per_step": average.count / steps}
+            for average in host_ops[:top]
+        ],
+        "device_ops_per_step": None, "device_busy_ms_per_step": None, "device_busy_fraction": None,
+        "top_device_ops": [],
+    }
+    if device_time:
+        busy_ms = per_step_ms(sum(total for total, _ in device_time.values()))
+        result.update({
+            "device_ops_per_step": sum(count for _, count in device_time.values()) / steps,
+            "device_busy_ms_per_step": busy_ms,
+            "device_busy_fraction": busy_ms / wall_ms,
+            "top_device_ops": [
+                {"name": name, "ms_per_step": per_step_ms(total), "calls_per_step": count / steps}
+                for name, (total, count) in sorted(device_time.items(), key=lambda item: item[1][0], reverse=True)[:top]
+            ],
+        })
+    return result
 
 
 def count_training_flops(batch_size, label_smoothing, device):
@@ -486,9 +548,9 @@ def check_targets(rows, device):
             outcome = quickest["time_to_target"]
             value = (f"{outcome['seconds']:.2f} s to {outcome['target_val_digit_acc']}% validation, "
                      f"test {outcome['test_digit_acc_at_stop']:.2f}% then ({quickest['name']})")
-            met = outcome["seconds"] <= GPU_TARGET_TEST_SECONDS and outcome["test_digit_acc_at_stop"] >= 99.0
+            met = outcome["seconds"] <= GPU_TARGET_VAL_SECONDS
         targets.append({
-            "target": f"99.0% test digit accuracy within {GPU_TARGET_TEST_SECONDS:g} s of training",
+            "target": f"99.0% validation digit accuracy within {GPU_TARGET_VAL_SECONDS:g} s of training",
             "value": value,
             "met": met,
         })
@@ -570,8 +632,32 @@ def markdown_report(results):
     ]
     for item in results["targets"]:
         lines.append(f"- {'met' if item['met'] else 'NOT met'}: {item['target']}: {item['value']}")
+    lines += profile_report(results["rows"])
     lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def profile_report(rows):
+    """The "where the time goes" section: one paragraph and two short tables per profiled row."""
+    profiled = [row for row in rows if row.get("profile")]
+    if not profiled:
+        return []
+    lines = ["", "Where the time goes (torch.profiler over the steps after each row's timed window):"]
+    for row in profiled:
+        profile = row["profile"]
+        lines += ["", f"**{row['name']}**: {profile['wall_ms_per_step']:.2f} ms per step of wall-clock time "
+                      f"({profile['profiled_wall_ms_per_step']:.2f} ms under the profiler, {profile['steps']} steps)."]
+        if profile["device_busy_ms_per_step"] is not None:
+            lines[-1] += (f" The GPU ran {profile['device_ops_per_step']:.0f} kernels, copies and fills per step, "
+                          f"busy {profile['device_busy_ms_per_step']:.3f} ms: "
+                          f"{profile['device_busy_fraction']:.0%} of the wall-clock step.")
+            lines += ["", "| on the GPU | ms per step | calls per step |", "| --- | ---: | ---: |"]
+            lines += [f"| `{op['name']}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
+                      for op in profile["top_device_ops"]]
+        lines += ["", "| on the host (self time) | ms per step | calls per step |", "| --- | ---: | ---: |"]
+        lines += [f"| `{op['name']}` | {op['self_ms_per_step']:.3f} | {op['calls_per_step']:g} |"
+                  for op in profile["top_host_ops"]]
+    return lines
 
 
 def notes_for(settings, device, short):
@@ -596,6 +682,14 @@ def notes_for(settings, device, short):
         f"validation every 1/{settings['evals_per_epoch']} epoch off the clock (raw weights, no "
         "weight average). Compilation is done before that clock starts.",
     ]
+    notes.append(
+        f"Where the time goes: the notebook's recipes train {settings['profiled_steps']} more steps "
+        "under torch.profiler after their timed window. Its overhead slows those steps, so the "
+        "wall-clock time per step is the unprofiled window's; the device's busy time is the sum "
+        "of the kernels', copies' and fills' durations on the GPU (one stream, so they never "
+        "overlap). When the device is busy for a small fraction of the step, the host's work "
+        "(Python, the dispatcher, launching kernels) sets the pace, not the GPU's arithmetic."
+    )
     if device.type == "cuda":
         notes.append(
             "On the GPU, 'fp32' matmuls run in full fp32 (PyTorch's default, TF32 off for "

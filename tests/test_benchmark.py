@@ -60,6 +60,21 @@ def test_short_benchmark_writes_results(tmp_path):
         assert outcome["reached"] == (outcome["seconds"] is not None)
     assert next(row for row in results["rows"] if row["key"] == "reference")["x_reference"] == 1.0
 
+    # Where the time goes: the notebook's recipes are profiled, the other rows not.
+    assert "Where the time goes" in report
+    for row in results["rows"]:
+        profile = row["profile"]
+        assert (profile is not None) == (row["key"] in {"notebook_cpu", "notebook_gpu", "notebook_gpu_cudagraphs"})
+        if profile is None:
+            continue
+        assert profile["steps"] == results["settings"]["profiled_steps"]
+        assert profile["wall_ms_per_step"] > 0 and profile["profiled_wall_ms_per_step"] > 0
+        assert profile["top_host_ops"] and all(op["self_ms_per_step"] >= 0 for op in profile["top_host_ops"])
+        on_gpu = device_type == "cuda"
+        assert (profile["device_busy_ms_per_step"] is not None) == on_gpu
+        assert bool(profile["top_device_ops"]) == on_gpu
+        assert f"**{row['name']}**" in report
+
     assert results["matmul"]["fp32_gflops_per_second"] > 0
     assert results["matmul"]["bf16_gflops_per_second"] > 0
     flops = results["flop_counting"]
