@@ -363,8 +363,13 @@ def measure_pipeline(pipeline, data, settings, device):
     if not math.isfinite(window_mean_loss):
         raise FloatingPointError(f"{pipeline['name']}: the loss became NaN or infinite while timing")
     images_per_second = window_steps * settings["batch_size"] / window_seconds
-    profile = (where_the_time_goes(run, profiled_steps, window_seconds / window_steps, pipeline, settings, device)
-               if profiled_steps else None)
+    profile, profile_error = None, None
+    if profiled_steps:
+        try:  # a profiler failure must not lose the row's measurements
+            profile = where_the_time_goes(run, profiled_steps, window_seconds / window_steps, pipeline, settings, device)
+        except Exception as error:
+            profile_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            print(f"{pipeline['name']}: profiling failed: {profile_error}", flush=True)
 
     # Back to the fresh weights in place: the compiled code stays valid, so the clock of the
     # time-to-target run starts with compiling already done.
@@ -386,6 +391,7 @@ def measure_pipeline(pipeline, data, settings, device):
         "timed_mean_loss": window_mean_loss,
         "time_to_target": time_to_target,
         "profile": profile,
+        "profile_error": profile_error,
     }
 
 
@@ -730,6 +736,8 @@ def parse_arguments():
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when there is one")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--rows", default=",".join(pipeline["key"] for pipeline in PIPELINES),
+                        help="comma-separated keys of the rows to measure (a retry of some rows)")
     # SUPPRESS: the default depends on --short, so the help says it instead of argparse.
     parser.add_argument("--target-epochs", type=int, default=argparse.SUPPRESS,
                         help=f"epochs the time-to-target schedule spans (default: {SETTINGS['target_epochs']}; "
@@ -817,8 +825,14 @@ def choose_pipelines(arguments, device):
     """The rows this run measures, and the others with the reason each is skipped."""
     bf16 = au.supports_bf16(device)
     chosen, skipped = [], []
+    asked = set(arguments.rows.split(","))
+    unknown = asked - {pipeline["key"] for pipeline in PIPELINES}
+    if unknown:
+        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
     for pipeline in PIPELINES:
-        if pipeline.get("needs") == "cuda" and device.type != "cuda":
+        if pipeline["key"] not in asked:
+            reason = "not asked for (--rows)"
+        elif pipeline.get("needs") == "cuda" and device.type != "cuda":
             reason = "needs a CUDA GPU"
         elif pipeline.get("needs") == "bf16" and not bf16:
             reason = "bf16 is not native on this device"
