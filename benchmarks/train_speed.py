@@ -368,7 +368,7 @@ def measure_pipeline(pipeline, data, settings, device):
         try:  # a profiler failure must not lose the row's measurements
             profile = where_the_time_goes(run, profiled_steps, window_seconds / window_steps, pipeline, settings, device)
         except Exception as error:
-            profile_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            profile_error = describe_error(error)
             print(f"{pipeline['name']}: profiling failed: {profile_error}", flush=True)
 
     # Back to the fresh weights in place: the compiled code stays valid, so the clock of the
@@ -393,6 +393,12 @@ def measure_pipeline(pipeline, data, settings, device):
         "profile": profile,
         "profile_error": profile_error,
     }
+
+
+def describe_error(error):
+    """An exception in one line: its type and the first line of its message, cut at 300 characters."""
+    message = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{type(error).__name__}: {message}"
 
 
 def where_the_time_goes(run, steps, seconds_per_step, pipeline, settings, device, top=8):
@@ -687,15 +693,13 @@ def notes_for(settings, device, short):
         f"weights, under a OneCycle schedule spanning {settings['target_epochs']} epochs, with "
         f"validation every 1/{settings['evals_per_epoch']} epoch off the clock (raw weights, no "
         "weight average). Compilation is done before that clock starts.",
-    ]
-    notes.append(
         f"Where the time goes: the notebook's recipes train {settings['profiled_steps']} more steps "
         "under torch.profiler after their timed window. Its overhead slows those steps, so the "
         "wall-clock time per step is the unprofiled window's; the device's busy time is the sum "
         "of the kernels', copies' and fills' durations on the GPU (one stream, so they never "
         "overlap). When the device is busy for a small fraction of the step, the host's work "
-        "(Python, the dispatcher, launching kernels) sets the pace, not the GPU's arithmetic."
-    )
+        "(Python, the dispatcher, launching kernels) sets the pace, not the GPU's arithmetic.",
+    ]
     if device.type == "cuda":
         notes.append(
             "On the GPU, 'fp32' matmuls run in full fp32 (PyTorch's default, TF32 off for "
@@ -806,7 +810,7 @@ def main():
         try:
             row = measure_pipeline(pipeline, data, settings, device)
         except Exception as error:  # one row's failure (a compile mode, say) must not lose the others
-            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            message = describe_error(error)
             results["failed"].append({"key": pipeline["key"], "name": pipeline["name"], "error": message})
             print(f"{pipeline['name']:<44} FAILED: {message}", flush=True)
         else:
