@@ -7,6 +7,7 @@ The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -27,6 +28,29 @@ from torch import nn
 NUM_DIGITS = 10  # digit classes 0-9, and addends 0-9
 NUM_SUMS = 19  # sums 0-18
 
+# The recipe: everything that decides what a training run learns, in one place (the notebook,
+# the benchmark and the tuning scripts all read it; an ADDER_<KEY> variable overrides a key,
+# see settings_from_env). A resumed run must have the recipe it was saved with, because its
+# saved optimizer and schedule carry it. Every value was chosen on the validation split:
+# tuning/README.md says how.
+RECIPE = {
+    "STAGES": ((12, 12), (16, 16, 16), (24, 24)),  # conv widths at 28x28, 14x14 and 7x7
+    "EPOCHS": 20,               # passes over the training split
+    "BATCH_SIZE": 256,
+    "MAX_LR": 0.2,              # OneCycle's peak learning rate (see the LR range test)
+    "CYCLE_MOMENTUM": True,     # OneCycle moves SGD's momentum 0.95 -> 0.85 -> 0.95 against the LR
+    "MOMENTUM": 0.9,            # Nesterov momentum when it is not cycled
+    "WEIGHT_DECAY": 1e-4,
+    "LABEL_SMOOTHING": 0.1,     # on the digit loss only (the notebook's loss section says why)
+    "MAX_ROTATION": 5.0,        # augmentation: random rotations up to this many degrees ...
+    "MAX_SHIFT": 1.0,           # ... and shifts up to this many pixels
+    "TEST_TIME_SHIFTS": False,  # predict reads each digit from the image and its 8 one-pixel shifts
+    "TRAIN_SIZE": 0,            # 0: all 55,000 training images
+    "VALIDATION_SIZE": 5000,    # taken from the 60,000 training images
+    "HELD_OUT_PAIRS": 10,       # (digit, addend) pairs the memorisation experiment never trains on
+    "HELD_OUT_EPOCHS": 20,
+}
+
 NO_GPU_MESSAGE = (
     "No CUDA GPU is available, and this notebook trains on the GPU.\n"
     "In Colab: Runtime > Change runtime type > Hardware accelerator: GPU (e.g. T4), "
@@ -37,12 +61,18 @@ NO_GPU_MESSAGE = (
 
 
 def settings_from_env(defaults: dict, prefix: str = "ADDER_") -> dict:
-    """Return ``defaults`` with each key overridden by the environment variable PREFIX+KEY."""
+    """Return ``defaults`` with each key overridden by the environment variable PREFIX+KEY,
+    read as the default's type (a tuple as a Python literal: ADDER_STAGES="((8, 8), (16,))")."""
     settings = {}
     for key, default in defaults.items():
         raw = os.environ.get(prefix + key)
         if raw is None:
             settings[key] = default
+        elif isinstance(default, tuple):
+            try:
+                settings[key] = as_tuples(ast.literal_eval(raw))
+            except (ValueError, SyntaxError, TypeError):
+                raise ValueError(f"{prefix + key}={raw!r}: expected a tuple such as {default!r}") from None
         elif isinstance(default, bool):  # bool before int: bool is a subclass of int
             if raw.strip().lower() not in {"0", "1", "true", "false", "yes", "no"}:
                 raise ValueError(f"{prefix + key}={raw!r}: expected 0/1, true/false or yes/no")
@@ -57,6 +87,15 @@ def settings_from_env(defaults: dict, prefix: str = "ADDER_") -> dict:
                     f"{prefix + key}={raw!r}: expected a {type(default).__name__}"
                 ) from None
     return settings
+
+
+def as_tuples(value):
+    """Lists, nested or not, as tuples (a recipe's stages read back from JSON or a literal)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(as_tuples(item) for item in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"expected numbers and tuples, got {value!r}")
 
 
 def choose_device(allow_cpu: bool) -> torch.device:
@@ -75,6 +114,17 @@ def supports_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype a training forward pass should autocast to on ``device``: bfloat16 where it is
+    native; float16 on an older CUDA GPU (Colab's T4: its tensor cores run fp16, and a
+    GradScaler keeps small gradients from underflowing); None (plain fp32) on other CPUs."""
+    if supports_bf16(device):
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return None
 
 
 def environment_info(device: torch.device) -> dict:
@@ -211,19 +261,24 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return ((pixels - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
 
 
-def all_pairs() -> torch.Tensor:
-    """A (10, 10) bool table, all True: ``table[digit, addend]`` says whether training may show that pair."""
-    return torch.ones(NUM_DIGITS, NUM_DIGITS, dtype=torch.bool)
+def pair_mask(held_out=()) -> torch.Tensor:
+    """The (digit, addend) pairs training may show, as a (10, 10) bool mask: ``mask[digit, addend]``
+    is False for the ``held_out`` pairs and True for all the others."""
+    mask = torch.ones(NUM_DIGITS, NUM_DIGITS, dtype=torch.bool)
+    for digit, addend in held_out:
+        mask[digit, addend] = False
+    return mask
 
 
-def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True) -> list[tuple[int, int]]:
+def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True, connected: bool = True) -> list[tuple[int, int]]:
     """``count`` random (digit, addend) pairs to keep out of training, drawn with ``seed``.
 
-    Every digit and every addend keeps at least one pair in training, so that training says
-    something about each of them; with ``keep_every_sum`` every sum 0-18 keeps one too
-    ((0, 0) and (9, 9), the only pairs that sum to 0 and 18, then always stay in).
+    Every digit and every addend keeps at least one pair in training. With ``keep_every_sum``
+    every sum 0-18 does too (so (0, 0) and (9, 9), its only pairs for 0 and 18, always stay
+    in); with ``connected`` the pairs left in connect every digit and every addend
+    (``seen_pairs_connect_every_value``), so that they fix the sum of every pair.
     """
-    largest = NUM_DIGITS * NUM_DIGITS - 2 * NUM_DIGITS + 1  # fewer seen pairs cannot cover 10 + 10 values
+    largest = NUM_DIGITS * NUM_DIGITS - 2 * NUM_DIGITS + 1  # fewer seen pairs cannot connect 10 + 10 values
     if not 0 < count <= largest:
         raise ValueError(f"count must be 1 to {largest}, got {count}")
     generator = torch.Generator().manual_seed(seed)
@@ -231,22 +286,18 @@ def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True) -> list[t
     while True:
         order = torch.randperm(len(pairs), generator=generator).tolist()
         held = sorted(pairs[index] for index in order[:count])
-        seen = allowed_pairs_without(held)
+        seen = pair_mask(held)
         every_value_seen = bool(seen.any(dim=1).all() and seen.any(dim=0).all())
-        sums_seen = {digit + addend for digit, addend in pairs if seen[digit, addend]}
-        if every_value_seen and (len(sums_seen) == NUM_SUMS or not keep_every_sum):
+        every_sum_seen = len({digit + addend for digit, addend in pairs if seen[digit, addend]}) == NUM_SUMS
+        if (every_value_seen and (every_sum_seen or not keep_every_sum)
+                and (seen_pairs_connect_every_value(seen) or not connected)):
             return held
 
 
 def seen_pairs_connect_every_value(allowed: torch.Tensor) -> bool:
-    """Whether the seen pairs link every digit and every addend into one group.
-
-    Think of the 10 digits and 10 addends as 20 points, and of each seen pair (d, a) as a line
-    between d and a. Each seen pair says ``value(d) + value(a) = d + a``. Along a path of such
-    lines, these equations fix ``value(d) + value(a)`` for every digit d and addend a of the same
-    group, seen together or not; two groups could shift apart by any amount. So the seen pairs
-    fix every sum exactly when the 20 points form one connected group (at least 19 pairs).
-    """
+    """Whether the pairs ``allowed`` link the 10 digits and 10 addends into one group, each pair
+    (d, a) a link between d and a. Only then do the seen pairs fix ``value(d) + value(a)`` for
+    every pair (the notebook's "How few pairs are enough?" says why)."""
     group = list(range(2 * NUM_DIGITS))  # union-find: digits 0-9, addends 10-19
 
     def root(point):
@@ -258,14 +309,6 @@ def seen_pairs_connect_every_value(allowed: torch.Tensor) -> bool:
     for digit, addend in torch.nonzero(allowed).tolist():
         group[root(digit)] = root(NUM_DIGITS + addend)
     return len({root(point) for point in range(2 * NUM_DIGITS)}) == 1
-
-
-def allowed_pairs_without(pairs: list[tuple[int, int]]) -> torch.Tensor:
-    """The (10, 10) table of training pairs with ``pairs`` removed."""
-    allowed = all_pairs()
-    for digit, addend in pairs:
-        allowed[digit, addend] = False
-    return allowed
 
 
 def draw_addends(digits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -280,7 +323,7 @@ def random_batches(images, digits, batch_size, generator, allowed=None):
     Everything stays on the device the tensors live on; the last incomplete batch is dropped
     so that every step has the same shape (what ``torch.compile`` and CUDA like best).
     """
-    allowed = all_pairs() if allowed is None else allowed
+    allowed = pair_mask() if allowed is None else allowed
     device = images.device
     order = torch.randperm(len(images), device=device, generator=generator)
     addends = draw_addends(digits[order], allowed, generator)
@@ -291,16 +334,13 @@ def random_batches(images, digits, batch_size, generator, allowed=None):
         yield images[index], batch_addends, batch_digits, batch_digits + batch_addends
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, max_degrees=5.0, max_shift=1.0):
-    """Random small rotations and shifts of a normalised batch, done on its device.
-
-    No flips: a mirrored 2 or 5 is not a digit. ``max_shift`` is in pixels. The defaults are
-    the recipe's: on the validation split, up to 5 degrees and 1 pixel beat 10 degrees and
-    2 pixels, and 2.5 degrees and half a pixel (training_logs/tuning/candidates.md).
-    """
+def augment(images: torch.Tensor, generator: torch.Generator, max_rotation: float = RECIPE["MAX_ROTATION"],
+            max_shift: float = RECIPE["MAX_SHIFT"]):
+    """Random small rotations (up to ``max_rotation`` degrees) and shifts (up to ``max_shift``
+    pixels) of a normalised batch, done on its device. No flips: a mirrored 2 or 5 is not a digit."""
     count = len(images)
     uniform = torch.rand(count, 3, device=images.device, generator=generator) * 2 - 1
-    angle = uniform[:, 0] * math.radians(max_degrees)
+    angle = uniform[:, 0] * math.radians(max_rotation)
     shift = uniform[:, 1:] * (2 * max_shift / images.shape[-1])  # grid coordinates span 2
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack(
@@ -340,18 +380,8 @@ class NumberLineSumHead(nn.Module):
     learned values, so this head can add pairs it never saw, where a head with one free logit
     per sum (``OneHotClassSumHead``) can only memorise the pairs it saw (notebook, section 10).
 
-    Why this works with cross-entropy, without label smoothing:
-    ``-k (z - s)**2 = -k z**2 + k (2 z s - s**2)``; softmax ignores the first term, which all
-    sums share, so the head computes ``k (2 z s - s**2)``. These logits are linear in ``z``,
-    and ``z`` in the weights, so the loss is convex: SGD cannot get stuck. Its gradient for a
-    pair is ``2k (mean of s under the softmax - target)``, zero when the head's expected sum
-    is the true sum: for sums inside 1-17 that is ``z = d + a`` to within 1e-3, so the values
-    that fit the seen pairs are the exact ones, and they add the unseen pairs right.
-    (Label smoothing would move every target's expected sum toward 9, by a different amount
-    for each sum, which bends the line.) The sharpness is fixed because a learned one grows
-    without limit on pairs the head already gets right, and then training stops before the
-    values are exact: in our runs of the head alone, a learned sharpness added fewer unseen
-    pairs right.
+    Why it finds the exact values with plain cross-entropy (a convex loss in its weights), and
+    why the sharpness is fixed: the notebook's section 10.
     """
 
     SHARPNESS = 2.0  # k: neighbouring sums' logits differ by 2 when z sits on a sum
@@ -393,12 +423,14 @@ class AdderNet(nn.Module):
     the addend's one-hot vector, and places the pair on a number line (``NumberLineSumHead``).
     So the digit cannot depend on the addend, and the sum agrees with the digit once the head
     has learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
-    loss trains the sum head.
+    loss trains the sum head. ``test_time_shifts`` tells ``predict`` to read each digit from the
+    image and its eight one-pixel shifts; it changes nothing else.
     """
 
-    def __init__(self, stages=((12, 12), (16, 16, 16), (24, 24))):
+    def __init__(self, stages=RECIPE["STAGES"], test_time_shifts: bool = RECIPE["TEST_TIME_SHIFTS"]):
         super().__init__()
         self.stages = tuple(tuple(stage) for stage in stages)
+        self.test_time_shifts = bool(test_time_shifts)
         layers, channels = [], 1
         for index, stage in enumerate(self.stages):
             if index:
@@ -411,8 +443,8 @@ class AdderNet(nn.Module):
         self.sum_head = NumberLineSumHead()
 
     def config(self) -> dict:
-        """What ``AdderNet(**config)`` needs to rebuild this architecture."""
-        return {"stages": [list(stage) for stage in self.stages]}
+        """What ``AdderNet(**config)`` needs to rebuild this model."""
+        return {"stages": [list(stage) for stage in self.stages], "test_time_shifts": self.test_time_shifts}
 
     def forward(self, images: torch.Tensor, addends: torch.Tensor):
         digit_logits = self.digit_head(self.backbone(images))
@@ -432,10 +464,128 @@ def count_parameters(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def sgd_one_cycle(parameters, recipe: dict, total_steps: int, fused: bool = False):
+    """The recipe's optimizer and schedule: SGD with Nesterov momentum and weight decay, under
+    OneCycle (warm-up to ``MAX_LR`` over the first 30% of the steps, then down to almost 0).
+
+    With ``CYCLE_MOMENTUM`` OneCycle also moves the momentum against the learning rate (0.95 at
+    the start and the end, 0.85 at the peak), overwriting ``MOMENTUM``. ``fused=True`` keeps the
+    learning rate in a tensor on the parameters' device, which the schedule updates in place, and
+    updates all parameters in one kernel: what a step recorded as a CUDA graph needs.
+    """
+    parameters = list(parameters)
+    lr = recipe["MAX_LR"]
+    if fused:
+        lr = torch.tensor(lr, device=parameters[0].device)
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=recipe["MOMENTUM"], nesterov=True,
+                                weight_decay=recipe["WEIGHT_DECAY"], fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["MAX_LR"], total_steps=total_steps,
+                                                    cycle_momentum=recipe["CYCLE_MOMENTUM"])
+    return optimizer, scheduler
+
+
+class CapturedStep:
+    """A training step recorded once as a CUDA graph, then replayed for every batch.
+
+    A step of this small network launches a few hundred tiny kernels, and on a GPU launching
+    them takes longer than running them. A CUDA graph launches the whole step at once. The
+    catch: a graph replays the exact kernels it recorded, on the exact memory it recorded. So
+    ``step(*batch)`` (a whole training step: forward, loss, backward, ``optimizer.step()``; it
+    returns the loss) always runs on the same input tensors, into which each new batch is
+    copied, and nothing in it may change between steps except tensors on the device:
+
+    * the learning rate must be a tensor (``sgd_one_cycle(..., fused=True)``), which the
+      schedule updates in place; a hyperparameter kept as a Python number is frozen at its
+      recorded value, so a schedule that changes one (momentum cycling) is refused;
+    * no host sync inside the step (``.item()``, ``print(loss)``), and the same shapes every
+      step (``random_batches`` drops the last incomplete batch);
+    * a ``torch.Generator`` the step draws from (the augmentation's) must be named in
+      ``generators``, so that each replay draws fresh numbers from it, as the eager step would.
+
+    Recording needs a few warm-up steps first (they create the gradients, the optimizer's
+    momentum buffers and the kernels' workspaces, and let torch.compile compile). They are then
+    undone: weights, batch-norm statistics, momentum buffers, random states and the ``scaler``'s
+    scale go back to what they were, so training continues exactly as if they had never run.
+
+    On a CPU nothing is recorded: ``step`` runs as it is, on the same input tensors.
+    """
+
+    def __init__(self, step, example_batch, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 generators=(), scaler=None, warmup_steps: int = 3):
+        self.step = step
+        self.optimizer = optimizer
+        self.inputs = [tensor.clone() for tensor in example_batch]
+        self.recorded_hyperparameters = self._python_hyperparameters()
+        cuda = self.inputs[0].is_cuda
+        saved = self._save_state(model, generators, scaler)
+        if cuda:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):  # as PyTorch's CUDA graph notes ask for warm-up
+                for _ in range(warmup_steps):
+                    step(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side_stream)
+        else:
+            for _ in range(warmup_steps):
+                step(*self.inputs)
+        self._restore_state(model, generators, scaler, saved)
+        self.graph = None
+        if cuda:
+            self.graph = torch.cuda.CUDAGraph()
+            for generator in generators:
+                self.graph.register_generator_state(generator)
+            with torch.cuda.graph(self.graph):
+                self.loss = step(*self.inputs)
+
+    def __call__(self, *batch) -> torch.Tensor:
+        """One training step on ``batch``; returns its loss (a tensor the next step overwrites)."""
+        # Checked on every device, so that a CPU run already refuses what a GPU would get wrong.
+        if self._python_hyperparameters() != self.recorded_hyperparameters:
+            raise RuntimeError(
+                "An optimizer setting kept as a Python number changed after the step was recorded "
+                "as a CUDA graph, which would go on with the recorded value: keep it constant, or "
+                "hold it in a tensor (the learning rate: sgd_one_cycle(..., fused=True); momentum "
+                "cycling: CYCLE_MOMENTUM=False)."
+            )
+        for static, new in zip(self.inputs, batch):
+            static.copy_(new)
+        if self.graph is None:
+            return self.step(*self.inputs)
+        self.graph.replay()
+        return self.loss
+
+    def _python_hyperparameters(self):
+        return [{key: value for key, value in group.items() if isinstance(value, (int, float))}
+                for group in self.optimizer.param_groups]
+
+    def _save_state(self, model, generators, scaler):
+        momentum = {id(p): self.optimizer.state.get(p, {}).get("momentum_buffer") for p in model.parameters()}
+        return {
+            "model": {name: value.clone() for name, value in model.state_dict().items()},
+            "momentum": {key: None if buffer is None else buffer.clone() for key, buffer in momentum.items()},
+            "generators": [generator.get_state() for generator in generators],
+            "scaler": None if scaler is None else scaler.state_dict(),
+        }
+
+    def _restore_state(self, model, generators, scaler, saved):
+        model.load_state_dict(saved["model"])  # copies in place: the graph keeps its tensors
+        for parameter in model.parameters():
+            buffer = self.optimizer.state.get(parameter, {}).get("momentum_buffer")
+            if buffer is not None:
+                before = saved["momentum"][id(parameter)]
+                # No buffer yet means a first step, whose buffer is the gradient: the same as
+                # momentum times a zero buffer plus the gradient.
+                buffer.copy_(before) if before is not None else buffer.zero_()
+        for generator, state in zip(generators, saved["generators"]):
+            generator.set_state(state)
+        if scaler is not None:
+            scaler.load_state_dict(saved["scaler"])
+
+
 class EpochMeter:
     """Sums the loss of an epoch on the device, so the hot loop never waits for the host.
 
-    It also remembers the first batch whose loss was NaN or infinite; ``mean_loss`` reads
+    It also remembers the first batch whose loss was NaN or infinite; ``finite_mean`` reads
     everything once, at the end of the epoch, and refuses to go on past a non-finite loss.
     """
 
@@ -451,7 +601,7 @@ class EpochMeter:
         self.loss_sum += loss
         self.batches += 1
 
-    def mean_loss(self, epoch: int) -> float:
+    def finite_mean(self, epoch: int) -> float:
         """The epoch's mean loss; FloatingPointError naming the epoch and batch if any was not finite."""
         first_bad = int(self.first_bad_batch)
         if first_bad >= 0:
@@ -519,7 +669,7 @@ def accuracy_metrics(digit_pred, sum_pred, digits, sums) -> dict:
     }
 
 
-def every_addend(images: torch.Tensor, digits: torch.Tensor):
+def pair_with_every_addend(images: torch.Tensor, digits: torch.Tensor):
     """Pair each image with each addend 0-9: returns (images, addends, digits, sums), 10x as long.
 
     Pairs are ordered image by image, so ``reshape(-1, 10)`` gives one row per image.
@@ -570,7 +720,7 @@ def evaluate_every_addend(model: nn.Module, images, digits, batch_size=10_000) -
 
     Deterministic: no random addends, and the model in eval mode.
     """
-    pair_images, addends, pair_digits, pair_sums = every_addend(images, digits)
+    pair_images, addends, pair_digits, pair_sums = pair_with_every_addend(images, digits)
     digit_pred, sum_pred = predict(model, pair_images, addends, batch_size=batch_size)
     digit_right = digit_pred == pair_digits
     joint_right = digit_right & (sum_pred == pair_sums)
@@ -637,10 +787,10 @@ def adder_table(sum_head: nn.Module) -> torch.Tensor:
         sum_head.train(was_training)
 
 
-def table_accuracy(table: torch.Tensor, pairs: torch.Tensor) -> float:
-    """% of the (digit, addend) cells where ``pairs`` is True that ``table`` adds right."""
+def table_accuracy(table: torch.Tensor, mask: torch.Tensor) -> float:
+    """% of the (digit, addend) cells where ``mask`` is True that ``table`` adds right."""
     right = table == torch.arange(NUM_DIGITS)[:, None] + torch.arange(NUM_DIGITS)
-    return 100.0 * right[pairs].float().mean().item()
+    return 100.0 * right[mask].float().mean().item()
 
 
 # The final test metrics compared across seeds.
@@ -655,11 +805,11 @@ SEED_METRICS = (
 
 
 def summarize_runs(values: list[float]) -> dict:
-    """Mean, sample standard deviation, min and max of one metric over several runs."""
+    """Mean, sample standard deviation (None for a single run), min and max of one metric over runs."""
     array = np.asarray(values, dtype=float)
     return {
         "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "std": float(array.std(ddof=1)) if len(array) > 1 else None,
         "min": float(array.min()),
         "max": float(array.max()),
         "runs": len(array),
@@ -682,23 +832,24 @@ class OneHotClassSumHead(nn.Sequential):
 
 
 def train_sum_head_alone(sum_head: nn.Module, allowed: torch.Tensor, seed: int, steps: int = 2000,
-                         batch_size: int = 256, max_lr: float = 0.2, weight_decay: float = 1e-4) -> nn.Module:
-    """Train a sum head on exact digit codes, only on the ``allowed`` pairs, with the notebook's
-    optimizer and schedule (SGD with Nesterov momentum under OneCycle) and plain cross-entropy.
+                         recipe: dict = RECIPE, label_smoothing: float = 0.0) -> nn.Module:
+    """Train a sum head on exact digit codes, only on the ``allowed`` pairs, with the recipe's
+    batch size, optimizer and schedule (``sgd_one_cycle``) and cross-entropy (plain, as in the
+    notebook, unless ``label_smoothing`` is given).
 
     No images: the digits are exact, so this measures what the head itself can learn, in
     seconds on a CPU. Returns the head, trained, in eval mode.
     """
     generator = torch.Generator().manual_seed(seed)  # the only randomness left: batches and addends
-    optimizer = torch.optim.SGD(sum_head.parameters(), lr=max_lr, momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps)
+    optimizer, scheduler = sgd_one_cycle(sum_head.parameters(), recipe, total_steps=steps)
+    batch_size = recipe["BATCH_SIZE"]
     seen_digits = torch.nonzero(allowed.any(dim=1)).flatten()  # every digit, unless told otherwise
     sum_head.train()
     for _ in range(steps):
         digits = seen_digits[torch.randint(0, len(seen_digits), (batch_size,), generator=generator)]
         addends = draw_addends(digits, allowed, generator)
-        loss = F.cross_entropy(sum_head(exact_codes(digits, addends)), digits + addends)
+        loss = F.cross_entropy(sum_head(exact_codes(digits, addends)), digits + addends,
+                               label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -714,8 +865,8 @@ def pairs_needed_study(held_out_counts, seeds, steps: int = 2000) -> list[dict]:
     rows = []
     for count in held_out_counts:
         for seed in seeds:
-            held = held_out_pairs(count, seed, keep_every_sum=False)
-            allowed = allowed_pairs_without(held)
+            held = held_out_pairs(count, seed, keep_every_sum=False, connected=False)
+            allowed = pair_mask(held)
             for head_name, make_head in heads.items():
                 torch.manual_seed(seed)
                 head = train_sum_head_alone(make_head(), allowed, seed, steps)
@@ -946,8 +1097,8 @@ def load_checkpoint(path, device="cpu") -> AdderNet:
     contents = safe_load(path)
     if contents.get("kind") != "model":
         raise ValueError(f"{path} is a {contents.get('kind')!r} checkpoint, not a model checkpoint")
-    try:
-        model = AdderNet(**contents["model_config"])
+    try:  # a checkpoint saved before test_time_shifts existed read digits from the image alone
+        model = AdderNet(**{"test_time_shifts": False, **contents["model_config"]})
         model.load_state_dict(contents["state_dict"])
     except (KeyError, TypeError, RuntimeError) as error:
         raise ValueError(
@@ -981,6 +1132,7 @@ def _as_image_batch(images) -> torch.Tensor:
         raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
     if images.dtype == torch.bool or images.is_complex():
         raise TypeError(f"images must be uint8 pixels or floats in [0, 1], got {images.dtype}")
+    given_shape = tuple(images.shape)
     if images.ndim == 2:
         images = images.unsqueeze(0)
     if images.ndim == 4:
@@ -991,9 +1143,7 @@ def _as_image_batch(images) -> torch.Tensor:
             )
         images = images.squeeze(1)
     if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise ValueError(
-            f"images must be 28x28, Nx28x28 or Nx1x28x28, got shape {tuple(images.shape)}"
-        )
+        raise ValueError(f"images must be 28x28, Nx28x28 or Nx1x28x28, got shape {given_shape}")
     if len(images) == 0:
         raise ValueError("images is empty")
     if images.is_floating_point():
@@ -1047,13 +1197,34 @@ def _as_addends(addends, count: int) -> torch.Tensor:
     return addends
 
 
+def shifted_views(batch: torch.Tensor):
+    """A normalised batch and its eight one-pixel shifts (blank background shifted in)."""
+    background = -MNIST_MEAN / MNIST_STD  # a 0 pixel, normalised
+    padded = F.pad(batch, (1, 1, 1, 1), value=background)
+    size = batch.shape[-1]
+    return [padded[..., dy : dy + size, dx : dx + size] for dy in range(3) for dx in range(3)]
+
+
+def answers(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor):
+    """The model's (digit, sum) answers for a normalised batch. With ``model.test_time_shifts``
+    the digit is the one most probable on average over the image and its eight one-pixel
+    shifts, and the sum head adds that digit."""
+    if not getattr(model, "test_time_shifts", False):
+        digit_logits, sum_logits = model(batch, addends)
+        return digit_logits.argmax(dim=1), sum_logits.argmax(dim=1)
+    probabilities = sum(model(view, addends)[0].float().softmax(dim=1) for view in shifted_views(batch))
+    digits = probabilities.argmax(dim=1)
+    return digits, model.sum_head(exact_codes(digits, addends)).argmax(dim=1)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images, addends, batch_size: int = 10_000):
     """Read the digit and add the addend: returns ``(digits, sums)``, int64 tensors of shape (N,).
 
     ``images``: one 28x28 image or an Nx28x28 batch (Nx1x28x28 too), numpy or torch, as uint8
     pixels 0-255 or floats in [0, 1]. ``addends``: an int or a sequence of N ints 0-9.
-    Bad input raises TypeError or ValueError naming the problem.
+    Bad input raises TypeError or ValueError naming the problem. In eval mode, so the same
+    model always gives the same answers.
     """
     pixels = _as_image_batch(images)
     addends = _as_addends(addends, len(pixels))
@@ -1064,9 +1235,9 @@ def predict(model: nn.Module, images, addends, batch_size: int = 10_000):
     try:
         for start in range(0, len(pixels), batch_size):
             batch = normalize_images(pixels[start : start + batch_size].to(device))
-            digit_logits, sum_logits = model(batch, addends[start : start + batch_size].to(device))
-            digit_batches.append(digit_logits.argmax(dim=1).cpu())
-            sum_batches.append(sum_logits.argmax(dim=1).cpu())
+            digits, sums = answers(model, batch, addends[start : start + batch_size].to(device))
+            digit_batches.append(digits.cpu())
+            sum_batches.append(sums.cpu())
     finally:
         model.train(was_training)
     return torch.cat(digit_batches), torch.cat(sum_batches)

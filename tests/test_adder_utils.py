@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -266,7 +267,7 @@ def test_normalize_images_standardises_mnist(test_images):
 
 @pytest.mark.parametrize("count", [1, 10, 50, 81])
 def test_held_out_pairs_shape_of_the_choice(count):
-    pairs = au.held_out_pairs(count, seed=count, keep_every_sum=False)
+    pairs = au.held_out_pairs(count, seed=count, keep_every_sum=False, connected=False)
     assert len(pairs) == count == len(set(pairs))
     assert all(0 <= value <= 9 for pair in pairs for value in pair)
     assert pairs == sorted(pairs)
@@ -284,7 +285,7 @@ def test_held_out_pairs_rejects_bad_counts(count):
 
 
 def kept_pairs(pairs):
-    allowed = au.allowed_pairs_without(pairs)
+    allowed = au.pair_mask(pairs)
     return [(d, a) for d in range(10) for a in range(10) if allowed[d, a]]
 
 
@@ -304,17 +305,27 @@ def test_held_out_pairs_keep_every_digit_addend_and_sum_in_training():
     assert not failures, f"{len(failures)} choices lose a digit, addend or sum, e.g. count, seed = {failures[0]}"
 
 
+@pytest.mark.parametrize("count", [10, 70])
+def test_held_out_pairs_leave_pairs_that_connect_every_value_and_show_every_sum(count):
+    for seed in range(3):
+        held = au.held_out_pairs(count, seed)
+        seen = au.pair_mask(held)
+        assert au.seen_pairs_connect_every_value(seen), (count, seed)
+        assert {d + a for d, a in kept_pairs(held)} == set(range(19)), (count, seed)
+        assert seen[0, 0] and seen[9, 9]  # the only pairs of sums 0 and 18
+
+
 def test_held_out_pairs_without_every_sum_still_keep_every_digit_and_addend():
     lost_a_sum = False
     for seed in range(40):
-        kept = kept_pairs(au.held_out_pairs(80, seed, keep_every_sum=False))
+        kept = kept_pairs(au.held_out_pairs(80, seed, keep_every_sum=False, connected=False))
         assert {d for d, _ in kept} == set(range(10)) and {a for _, a in kept} == set(range(10))
         lost_a_sum |= {d + a for d, a in kept} != set(range(19))
     assert lost_a_sum  # with only 20 pairs seen, some sum goes unseen: the option really lets it
 
 
 def test_seen_pairs_connect_every_value():
-    assert au.seen_pairs_connect_every_value(au.all_pairs())
+    assert au.seen_pairs_connect_every_value(au.pair_mask())
     # A chain through all 20 points, 19 pairs: (0,0) (1,0) (1,1) (2,1) ... (9,9).
     chain = torch.zeros(10, 10, dtype=torch.bool)
     for value in range(10):
@@ -328,16 +339,16 @@ def test_seen_pairs_connect_every_value():
     assert not au.seen_pairs_connect_every_value(diagonal)
 
 
-def test_allowed_pairs_without_removes_exactly_those_pairs():
-    allowed = au.allowed_pairs_without([(3, 5), (7, 0)])
+def test_pair_mask_removes_exactly_the_held_out_pairs():
+    allowed = au.pair_mask([(3, 5), (7, 0)])
     assert allowed.shape == (10, 10) and allowed.dtype == torch.bool
     assert not allowed[3, 5] and not allowed[7, 0]
     assert allowed.sum() == 98
-    assert au.all_pairs().all()
+    assert au.pair_mask().all()
 
 
 def test_draw_addends_never_draws_a_held_out_pair_and_is_uniform_otherwise():
-    allowed = au.allowed_pairs_without([(3, 5)])
+    allowed = au.pair_mask([(3, 5)])
     digits = torch.tensor([3, 4]).repeat(4500)
     addends = au.draw_addends(digits, allowed, torch.Generator().manual_seed(0))
     assert addends.shape == digits.shape and addends.dtype == torch.int64
@@ -373,7 +384,7 @@ def test_random_batches_shapes_sums_and_drop_last():
 
 
 def test_random_batches_respects_the_allowed_table():
-    allowed = au.allowed_pairs_without([(d, (d + 3) % 10) for d in range(10)])
+    allowed = au.pair_mask([(d, (d + 3) % 10) for d in range(10)])
     images, digits = index_images(200), torch.arange(200) % 10
     generator = torch.Generator().manual_seed(0)
     pairs = set()
@@ -405,7 +416,7 @@ def test_augment_keeps_shape_and_dtype_and_moves_pixels(test_images):
 
 def test_augment_without_rotation_or_shift_is_the_identity(test_images):
     images = au.normalize_images(test_images[0][:8])
-    same = au.augment(images, torch.Generator().manual_seed(0), max_degrees=0.0, max_shift=0.0)
+    same = au.augment(images, torch.Generator().manual_seed(0), max_rotation=0.0, max_shift=0.0)
     assert torch.allclose(same, images, atol=1e-5)
 
 
@@ -433,9 +444,9 @@ def test_count_parameters_counts_only_trainable_ones():
 
 
 def test_adder_net_config_round_trip():
-    net = au.AdderNet(stages=((4, 6), (8,), (10, 12)))
+    net = au.AdderNet(stages=((4, 6), (8,), (10, 12)), test_time_shifts=True)
     config = net.config()
-    assert config == {"stages": [[4, 6], [8], [10, 12]]}
+    assert config == {"stages": [[4, 6], [8], [10, 12]], "test_time_shifts": True}
     assert json.loads(json.dumps(config)) == config
     rebuilt = au.AdderNet(**config)
     shapes = {name: tensor.shape for name, tensor in net.state_dict().items()}
@@ -472,7 +483,7 @@ def test_number_line_head_starts_random_and_has_no_arithmetic_built_in():
     assert not torch.equal(first.value.weight, second.value.weight)
     assert sum(p.numel() for p in first.parameters()) == 21  # a value per digit and addend, and a bias
     exact = torch.arange(10)[:, None] + torch.arange(10)
-    assert au.table_accuracy(au.adder_table(first), au.all_pairs()) < 50  # untrained: mostly wrong
+    assert au.table_accuracy(au.adder_table(first), au.pair_mask()) < 50  # untrained: mostly wrong
     assert not torch.equal(au.adder_table(first), exact)
 
 
@@ -547,18 +558,128 @@ def test_digit_logits_do_not_depend_on_the_addend(model, training):
 # --------------------------------------------------------------------------------------
 
 
-def test_epoch_meter_mean_loss():
+def small_training(fused, cycle_momentum=False, seed=0, steps=6):
+    """A tiny AdderNet with the recipe's optimizer and schedule, and a training step like the
+    notebook's (augmentation from its own generator, the two cross-entropies)."""
+    torch.manual_seed(seed)
+    model = au.AdderNet(stages=((4, 4), (6,), (8,)))
+    recipe = {**au.RECIPE, "CYCLE_MOMENTUM": cycle_momentum}
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, total_steps=steps, fused=fused)
+    generator = torch.Generator().manual_seed(seed)
+
+    def step(images, addends, digits, sums):
+        images = au.augment(images, generator)
+        digit_logits, sum_logits = model(images, addends)
+        loss = F.cross_entropy(digit_logits, digits, label_smoothing=0.1) + F.cross_entropy(sum_logits, sums)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, step=step)
+
+
+def mnist_batches(test_images, count, size=10):
+    images, digits = test_images
+    addends = torch.arange(len(digits)) % 10
+    return [(au.normalize_images(images[start:start + size]), addends[start:start + size],
+             digits[start:start + size], digits[start:start + size] + addends[start:start + size])
+            for start in range(0, count * size, size)]
+
+
+def test_sgd_one_cycle_is_sgd_with_nesterov_momentum_under_one_cycle():
+    model = nn.Linear(3, 2)
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100)
+    group = optimizer.param_groups[0]
+    assert group["nesterov"] and group["weight_decay"] == au.RECIPE["WEIGHT_DECAY"]
+    assert group["lr"] == pytest.approx(au.RECIPE["MAX_LR"] / 25)  # OneCycle's warm-up starts at a 25th
+    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    fused, _ = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100, fused=True)
+    assert isinstance(fused.param_groups[0]["lr"], torch.Tensor) and fused.param_groups[0]["fused"]
+
+
+def test_captured_step_computes_the_plain_steps_updates(test_images):
+    batches = mnist_batches(test_images, 6)
+    plain, fast = small_training(fused=False), small_training(fused=True)
+    captured = au.CapturedStep(fast.step, batches[0], fast.model, fast.optimizer, generators=[fast.generator])
+    for batch in batches:
+        plain_loss = plain.step(*batch)
+        fast_loss = captured(*batch)
+        plain.scheduler.step()
+        fast.scheduler.step()
+        assert float(fast_loss) == pytest.approx(float(plain_loss), rel=1e-5)
+    for name, value in plain.model.state_dict().items():
+        assert torch.allclose(fast.model.state_dict()[name].float(), value.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_captured_step_undoes_its_warm_up_steps(test_images):
+    batches = mnist_batches(test_images, 2)
+    run = small_training(fused=True)
+    run.step(*batches[1])  # a real step first, so that there are momentum buffers to keep
+    weights = {name: value.clone() for name, value in run.model.state_dict().items()}
+    momentum = [run.optimizer.state[p]["momentum_buffer"].clone() for p in run.model.parameters()]
+    random_state = run.generator.get_state()
+    au.CapturedStep(run.step, batches[0], run.model, run.optimizer, generators=[run.generator], warmup_steps=3)
+    assert all(torch.equal(run.model.state_dict()[name], value) for name, value in weights.items())
+    assert all(torch.equal(run.optimizer.state[p]["momentum_buffer"], buffer)
+               for p, buffer in zip(run.model.parameters(), momentum))
+    assert torch.equal(run.generator.get_state(), random_state)
+
+
+def test_captured_step_refuses_a_python_hyperparameter_that_changes(test_images):
+    batches = mnist_batches(test_images, 2)
+    run = small_training(fused=True, cycle_momentum=True)
+    captured = au.CapturedStep(run.step, batches[0], run.model, run.optimizer, generators=[run.generator])
+    captured(*batches[0])
+    run.scheduler.step()  # OneCycle writes a new momentum, a Python float a graph would not see
+    with pytest.raises(RuntimeError, match="CYCLE_MOMENTUM=False"):
+        captured(*batches[1])
+
+
+def test_captured_step_with_float16_autocast_and_a_grad_scaler(test_images):
+    """Colab's T4 path (float16 autocast, GradScaler, fused SGD), as far as a CPU runs it."""
+    batches = mnist_batches(test_images, 4)
+    run = small_training(fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def step(images, addends, digits, sums):
+        with torch.autocast("cpu", dtype=torch.float16):
+            digit_logits, sum_logits = run.model(images, addends)
+            loss = F.cross_entropy(digit_logits, digits) + F.cross_entropy(sum_logits, sums)
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(run.optimizer)
+        scaler.update()
+        return loss.detach()
+
+    before = [p.clone() for p in run.model.parameters()]
+    captured = au.CapturedStep(step, batches[0], run.model, run.optimizer, scaler=scaler)
+    assert scaler.get_scale() == 2.0**10 and all(torch.equal(p, b) for p, b in zip(run.model.parameters(), before))
+    losses = [float(captured(*batch)) for batch in batches]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(p, b) for p, b in zip(run.model.parameters(), before))
+
+
+def test_autocast_dtype_bf16_where_native_fp16_on_older_gpus(monkeypatch):
+    monkeypatch.setattr(au, "supports_bf16", lambda device: False)
+    assert au.autocast_dtype(torch.device("cuda")) == torch.float16
+    assert au.autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(au, "supports_bf16", lambda device: True)
+    assert au.autocast_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+def test_epoch_meter_finite_mean():
     meter = au.EpochMeter("cpu")
     for index, loss in enumerate([1.0, 2.0, 4.5]):
         meter.update(torch.tensor(loss), index)
-    assert meter.mean_loss(epoch=1) == pytest.approx(2.5)
+    assert meter.finite_mean(epoch=1) == pytest.approx(2.5)
 
 
 def test_epoch_meter_accepts_losses_that_need_grad():
     meter = au.EpochMeter("cpu")
     weight = torch.tensor(2.0, requires_grad=True)
     meter.update(weight * 3, 0)
-    assert meter.mean_loss(epoch=1) == pytest.approx(6.0)
+    assert meter.finite_mean(epoch=1) == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -568,7 +689,7 @@ def test_epoch_meter_names_the_epoch_and_first_bad_batch(bad):
     for index, loss in enumerate(losses):
         meter.update(torch.tensor(loss), index)
     with pytest.raises(FloatingPointError, match=r"epoch 7, batch 2\b"):
-        meter.mean_loss(epoch=7)
+        meter.finite_mean(epoch=7)
 
 
 def test_epoch_meter_first_batch_bad():
@@ -576,14 +697,14 @@ def test_epoch_meter_first_batch_bad():
     meter.update(torch.tensor(float("nan")), 0)
     meter.update(torch.tensor(1.0), 1)
     with pytest.raises(FloatingPointError, match=r"epoch 3, batch 0\b"):
-        meter.mean_loss(epoch=3)
+        meter.finite_mean(epoch=3)
 
 
 def test_epoch_meter_advice_says_to_start_fresh_not_to_resume():
     meter = au.EpochMeter("cpu")
     meter.update(torch.tensor(float("inf")), 0)
     with pytest.raises(FloatingPointError) as failure:
-        meter.mean_loss(epoch=1)
+        meter.finite_mean(epoch=1)
     # A resumed run keeps its saved learning rate, so the advice must be a fresh run.
     assert "lower learning rate (MAX_LR)" in str(failure.value)
     assert "RESUME to False" in str(failure.value)
@@ -659,10 +780,10 @@ def test_accuracy_metrics_joint_is_not_the_product():
     assert metrics["joint_acc"] != pytest.approx(metrics["digit_acc"] * metrics["sum_acc"] / 100)
 
 
-def test_every_addend_orders_pairs_image_by_image():
+def test_pair_with_every_addend_orders_pairs_image_by_image():
     images = id_images(3)
     digits = torch.tensor([7, 0, 4])
-    pair_images, addends, pair_digits, sums = au.every_addend(images, digits)
+    pair_images, addends, pair_digits, sums = au.pair_with_every_addend(images, digits)
     assert pair_images.shape == (30, 28, 28) and len(addends) == len(pair_digits) == len(sums) == 30
     assert torch.equal(addends.reshape(-1, 10), torch.arange(10).expand(3, 10))
     assert torch.equal(pair_digits.reshape(-1, 10), digits[:, None].expand(3, 10))
@@ -767,7 +888,7 @@ def test_adder_table_of_an_exact_sum_head():
     table = au.adder_table(head)
     assert table.shape == (10, 10)
     assert torch.equal(table, torch.arange(10)[:, None] + torch.arange(10))
-    assert au.table_accuracy(table, au.all_pairs()) == 100.0
+    assert au.table_accuracy(table, au.pair_mask()) == 100.0
     assert head.training
 
 
@@ -777,7 +898,7 @@ def test_adder_table_shows_a_wrong_sum_head():
         head.value.weight[0, 3] += 1.0  # digit 3 now counts as 4
     table = au.adder_table(head)
     assert torch.equal(table[3], torch.arange(10) + 4)
-    assert au.table_accuracy(table, au.all_pairs()) == pytest.approx(90.0)
+    assert au.table_accuracy(table, au.pair_mask()) == pytest.approx(90.0)
     only_digit_3 = torch.zeros(10, 10, dtype=torch.bool)
     only_digit_3[3] = True
     assert au.table_accuracy(table, only_digit_3) == 0.0
@@ -792,7 +913,7 @@ def test_number_line_head_alone_learns_seen_pairs_and_adds_unseen_ones():
     """The core claim, in seconds on the CPU: trained on 70 of the 100 pairs, the number-line
     head adds the other 30 right; the one-hot class head learns the 70 and none of the 30."""
     held = au.held_out_pairs(30, seed=0, keep_every_sum=False)
-    allowed = au.allowed_pairs_without(held)
+    allowed = au.pair_mask(held)
     assert au.seen_pairs_connect_every_value(allowed)
     line = au.train_sum_head_alone(au.NumberLineSumHead(), allowed, seed=0, steps=600)
     assert au.table_accuracy(au.adder_table(line), allowed) == 100.0
@@ -810,7 +931,7 @@ def test_train_sum_head_alone_never_shows_a_held_out_pair(monkeypatch):
     shown = []
     real = au.exact_codes
     monkeypatch.setattr(au, "exact_codes", lambda d, a: shown.append((d, a)) or real(d, a))
-    au.train_sum_head_alone(au.NumberLineSumHead(), au.allowed_pairs_without(held), seed=0, steps=5)
+    au.train_sum_head_alone(au.NumberLineSumHead(), au.pair_mask(held), seed=0, steps=5)
     pairs = {(d, a) for digits, addends in shown for d, a in zip(digits.tolist(), addends.tolist())}
     assert len(shown) == 5 and len(pairs) > 80
     assert not pairs & set(held)
@@ -821,15 +942,15 @@ def test_pairs_needed_study_rows():
     assert len(rows) == 2 * 2 * 2
     assert {row["head"] for row in rows} == {"one-hot class head", "number-line head"}
     for row in rows:
-        held = au.held_out_pairs(row["held_out"], row["seed"], keep_every_sum=False)
-        assert row["connected"] == au.seen_pairs_connect_every_value(au.allowed_pairs_without(held))
+        held = au.held_out_pairs(row["held_out"], row["seed"], keep_every_sum=False, connected=False)
+        assert row["connected"] == au.seen_pairs_connect_every_value(au.pair_mask(held))
         assert 0 <= row["seen_acc"] <= 100 and 0 <= row["unseen_acc"] <= 100
 
 
 def test_summarize_runs():
     summary = au.summarize_runs([1.0, 2.0, 3.0, 4.0])
     assert summary == pytest.approx({"mean": 2.5, "std": math.sqrt(5 / 3), "min": 1.0, "max": 4.0, "runs": 4})
-    assert au.summarize_runs([98.5]) == {"mean": 98.5, "std": 0.0, "min": 98.5, "max": 98.5, "runs": 1}
+    assert au.summarize_runs([98.5]) == {"mean": 98.5, "std": None, "min": 98.5, "max": 98.5, "runs": 1}
 
 
 # --------------------------------------------------------------------------------------
@@ -946,6 +1067,15 @@ def test_plot_confusion_matrix(close_figures):
 # --------------------------------------------------------------------------------------
 # Checkpoints and inference
 # --------------------------------------------------------------------------------------
+
+
+def test_load_checkpoint_of_a_model_saved_without_test_time_shifts_reads_the_image_alone(model, tmp_path):
+    path = tmp_path / "model.pt"
+    au.save_checkpoint(model, path)
+    contents = au.safe_load(path)
+    del contents["model_config"]["test_time_shifts"]  # as checkpoints saved before the option existed
+    torch.save(contents, path)
+    assert au.load_checkpoint(path).test_time_shifts is False
 
 
 def test_checkpoint_round_trip(model, test_images, tmp_path):
@@ -1167,6 +1297,49 @@ def scripted():
     return ScriptedModel(*exact_adder_tables(digits)), digits
 
 
+def test_shifted_views_are_the_image_and_its_eight_one_pixel_shifts(test_images):
+    batch = au.normalize_images(test_images[0][:4])
+    views = au.shifted_views(batch)
+    assert len(views) == 9 and all(view.shape == batch.shape for view in views)
+    assert torch.equal(views[4], batch)  # the middle one is the image itself
+    background = -au.MNIST_MEAN / au.MNIST_STD
+    assert torch.equal(views[0][..., 1:, 1:], batch[..., :-1, :-1])  # moved one pixel down and right
+    assert torch.all(views[0][..., 0, :] == background) and torch.all(views[0][..., :, 0] == background)
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_model(mnist_test):
+    """A small AdderNet trained for 40 steps: it reads some digits, and a one-pixel shift can
+    change its answer (an untrained one answers the same digit for every image)."""
+    torch.manual_seed(0)
+    model = au.AdderNet(stages=((4, 4), (8,), (8,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    images, digits = au.normalize_images(mnist_test.data[:2048]), mnist_test.targets[:2048]
+    for step in range(40):
+        batch = slice(step % 32 * 64, step % 32 * 64 + 64)
+        digit_logits, _ = model(images[batch], torch.zeros(64, dtype=torch.long))
+        loss = F.cross_entropy(digit_logits, digits[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_predict_with_test_time_shifts_reads_the_average_of_the_shifted_views(briefly_trained_model, mnist_test):
+    model = briefly_trained_model
+    images, addends = mnist_test.data[3000:3064], au.seeded_addends(64, seed=0)
+    plain_digits, _ = au.predict(model, images, addends)
+    model.test_time_shifts = True
+    digits, sums = au.predict(model, images, addends)
+    with torch.no_grad():
+        batch = au.normalize_images(images)
+        average = sum(model.digit_head(model.backbone(view)).softmax(dim=1) for view in au.shifted_views(batch))
+    assert torch.equal(digits, average.argmax(dim=1))
+    model.test_time_shifts = False
+    assert not torch.equal(digits, plain_digits)  # the shifts changed some answers
+    assert torch.equal(sums, au.adder_table(model.sum_head)[digits, addends])  # the head adds that digit
+
+
 def test_predict_returns_int64_vectors(model, test_images):
     digit_pred, sum_pred = au.predict(model, test_images[0][:7], 3)
     for tensor in (digit_pred, sum_pred):
@@ -1271,7 +1444,8 @@ def bad_images():
     nan_images = torch.zeros(2, 28, 28)
     nan_images[1, 3, 3] = float("nan")
     return [
-        ("27x28", torch.zeros(27, 28, dtype=torch.uint8), ValueError, r"28x28.*\(1, 27, 28\)"),
+        ("32x32", torch.zeros(32, 32, dtype=torch.uint8), ValueError, r"28x28.*got shape \(32, 32\)$"),
+        ("27x28", torch.zeros(27, 28, dtype=torch.uint8), ValueError, r"28x28.*got shape \(27, 28\)$"),
         ("Nx27x28", torch.zeros(2, 27, 28, dtype=torch.uint8), ValueError, r"28x28.*\(2, 27, 28\)"),
         ("3 channels", torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, "one \\(grey\\) channel, got 3"),
         ("flat", torch.zeros(784, dtype=torch.uint8), ValueError, "28x28"),

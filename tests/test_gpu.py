@@ -1,4 +1,5 @@
-"""What only a CUDA GPU reaches: the notebook's GPU defaults, predict on CUDA, resume on CUDA.
+"""What only a CUDA GPU reaches: a training step recorded as a CUDA graph, the notebook's GPU
+defaults, predict on CUDA, resume on CUDA.
 
 Skipped where there is no CUDA GPU (CI, most laptops); `.ci/gpu_run` runs them on one. The
 notebook runs in its short mode (conftest.py), but with the device's defaults: ADDER_COMPILE
@@ -16,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+import torch.nn.functional as F
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -60,6 +62,76 @@ def final_results(output_dir: Path) -> dict:
         "history": history,
         **{name: json.loads((output_dir / f"{name}.json").read_text()) for name in ("test_metrics", "seeds", "held_out")},
     }
+
+
+def cuda_training(fused, dtype=None, seed=0, steps=6):
+    """The notebook's model and training step on DEVICE; float16 brings a GradScaler."""
+    torch.manual_seed(seed)
+    model = au.AdderNet().to(DEVICE)
+    recipe = {**au.RECIPE, "CYCLE_MOMENTUM": False}
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, total_steps=steps, fused=fused)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    scaler = torch.amp.GradScaler(DEVICE.type) if dtype == torch.float16 else None
+
+    def step(images, addends, digits, sums):
+        images = au.augment(images, generator)
+        with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            digit_logits, sum_logits = model(images, addends)
+            loss = F.cross_entropy(digit_logits, digits, label_smoothing=0.1) + F.cross_entropy(sum_logits, sums)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return model, optimizer, scheduler, generator, scaler, step
+
+
+def batches_on_device(data_root, count=6, size=128):
+    test_set = au.load_mnist(data_root, train=False, download=False)
+    images = au.normalize_images(test_set.data[: count * size]).to(DEVICE)
+    digits = test_set.targets[: count * size].to(DEVICE)
+    addends = au.seeded_addends(count * size, seed=0).to(DEVICE)
+    return [(images[i:i + size], addends[i:i + size], digits[i:i + size], digits[i:i + size] + addends[i:i + size])
+            for i in range(0, count * size, size)]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["fp32", "float16 and a GradScaler"])
+def test_captured_step_replays_what_the_eager_step_computes(data_root, dtype):
+    """The same step, eager and replayed from a CUDA graph: the same losses and weights, to
+    rounding, and fresh augmentation draws from the registered generator at every replay."""
+    batches = batches_on_device(data_root)
+    eager_model, _, eager_scheduler, _, _, eager_step = cuda_training(fused=True, dtype=dtype)
+    model, optimizer, scheduler, generator, scaler, step = cuda_training(fused=True, dtype=dtype)
+    captured = au.CapturedStep(step, batches[0], model, optimizer, generators=[generator], scaler=scaler)
+    assert (captured.graph is not None) == (DEVICE.type == "cuda")
+    for batch in batches:
+        eager_loss, loss = float(eager_step(*batch)), float(captured(*batch))
+        eager_scheduler.step()
+        scheduler.step()
+        assert loss == pytest.approx(eager_loss, rel=1e-4), (loss, eager_loss)
+    largest = max((value.double() - eager_model.state_dict()[name].double()).abs().max().item()
+                  for name, value in model.state_dict().items())
+    print(f"largest difference of a weight after {len(batches)} steps: {largest:.3g}")
+    assert largest < 1e-4
+
+
+def test_captured_step_computes_the_plain_steps_updates_on_cuda(data_root):
+    """Against the plain step of the notebook's loop (foreach SGD, the learning rate a Python number)."""
+    batches = batches_on_device(data_root)
+    plain_model, _, plain_scheduler, _, _, plain_step = cuda_training(fused=False)
+    model, optimizer, scheduler, generator, _, step = cuda_training(fused=True)
+    captured = au.CapturedStep(step, batches[0], model, optimizer, generators=[generator])
+    for batch in batches:
+        assert float(captured(*batch)) == pytest.approx(float(plain_step(*batch)), rel=1e-4)
+        plain_scheduler.step()
+        scheduler.step()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value.float(), plain_model.state_dict()[name].float(), rtol=1e-4, atol=1e-5), name
 
 
 def test_predict_on_cuda_agrees_with_the_cpu_on_the_committed_checkpoint(data_root):
