@@ -1,77 +1,139 @@
-"""The tuning runs of the accuracy issue: one 20-epoch training run on the validation split.
+"""One tuning run: the recipe (adder_utils.RECIPE, with any ADDER_<KEY> overrides) trained for
+its epochs on the 55,000 training images and judged on the 5,000 validation images. The test
+set is never loaded.
 
-A record of how the candidates in ``candidates.md`` were measured, not part of the project's
-API. It trains like the notebook's ``train_model`` (SGD with Nesterov momentum under
-OneCycle, augmentation on the fly, bfloat16 autocast where native, digit loss with label
-smoothing plus sum loss without) and prints, per epoch, the validation digit / sum / joint
-accuracy of the weights after that epoch. The test set is never loaded.
+It trains as the notebook's ``train_model`` does (the same seeds, batches, augmentation,
+optimizer, schedule and loss, bfloat16 autocast where native) and logs, per epoch, the mean
+training loss and the validation digit / sum / joint accuracy. At the end it also scores, on the
+same validation pairs, what costs no extra training:
 
-Settings come from environment variables (defaults: the notebook's recipe):
-  STAGES="((8, 16), (20, 24), (32,))"  BS=256  LR=0.2  WD=1e-4  LS=0.1  ROT=10  SHIFT=2
-  EPOCHS=20
-Run from the repository root, one thread per run so that two runs share the 2 cores:
-  PYTHONPATH=. python training_logs/tuning/tune.py NAME SEED > training_logs/tuning/NAME_seedSEED.log
+* ``ema<decay>``: an exponential moving average of the weights, updated after every step, with
+  its batch-norm statistics recomputed over the (unaugmented) training images;
+* ``+tta``: test-time augmentation, the digit's softmax averaged over the image and its eight
+  one-pixel shifts.
+
+With ``--held-out`` the run never sees the recipe's HELD_OUT_PAIRS (digit, addend) pairs (drawn
+as the notebook draws them, seed 0) and reports, on the validation images, how often the sum of
+an unseen pair is right when the digit is read right.
+
+Run from the repository root, one thread per run so that two runs share two cores:
+
+    OMP_NUM_THREADS=1 ADDER_BATCH_SIZE=128 python tuning/tune.py NAME SEED > training_logs/tuning/NAME_seedSEED.log
+
+``python tuning/summarize.py`` then turns the logs into training_logs/tuning/candidates.md.
 """
 
-import ast
-import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-import adder_utils as au
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import adder_utils as au  # noqa: E402
 
-torch.set_num_threads(1)
-name, seed = sys.argv[1], int(sys.argv[2])
-stages = ast.literal_eval(os.environ.get("STAGES", "((8, 16), (20, 24), (32,))"))
-batch_size = int(os.environ.get("BS", "256"))
-max_lr = float(os.environ.get("LR", "0.2"))
-weight_decay = float(os.environ.get("WD", "1e-4"))
-label_smoothing = float(os.environ.get("LS", "0.1"))
-max_degrees = float(os.environ.get("ROT", "10"))
-max_shift = float(os.environ.get("SHIFT", "2"))
-epochs = int(os.environ.get("EPOCHS", "20"))
+EMA_DECAYS = (0.998, 0.9995)  # averaging windows of about 500 and 2,000 steps
 
-train_full = au.load_mnist("data", train=True)
-train_index, validation_index = au.split_indices(len(train_full), 5000, seed=0)
-images = au.normalize_images(train_full.data[train_index])
-digits = train_full.targets[train_index]
-validation_images = train_full.data[validation_index]
-validation_digits = train_full.targets[validation_index]
-validation_addends = au.seeded_addends(len(validation_index), seed=1)
-validation_sums = validation_digits + validation_addends
 
-torch.manual_seed(seed)
-generator = torch.Generator().manual_seed(seed)
-model = au.AdderNet(stages)
-print(f"{name} seed {seed}: {au.count_parameters(model)} parameters; stages={stages} bs={batch_size} "
-      f"lr={max_lr} wd={weight_decay} ls={label_smoothing} rot={max_degrees} shift={max_shift} epochs={epochs}",
-      flush=True)
-optimizer = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-steps_per_epoch = len(images) // batch_size
-scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
-use_autocast = au.supports_bf16(torch.device("cpu"))
-for epoch in range(1, epochs + 1):
-    started = time.perf_counter()
-    model.train()
-    for batch_images, addends, batch_digits, sums in au.random_batches(images, digits, batch_size, generator):
-        batch_images = au.augment(batch_images, generator, max_degrees, max_shift)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
-            digit_logits, sum_logits = model(batch_images, addends)
-            loss = F.cross_entropy(digit_logits, batch_digits, label_smoothing=label_smoothing) + F.cross_entropy(
-                sum_logits, sums
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    digit_pred, sum_pred = au.predict(model, validation_images, validation_addends)
-    metrics = au.accuracy_metrics(digit_pred, sum_pred, validation_digits, validation_sums)
-    print(f"epoch {epoch:2d} last-batch loss {loss.item():.4f} val digit {metrics['digit_acc']:.2f} "
-          f"sum {metrics['sum_acc']:.2f} joint {metrics['joint_acc']:.2f} {time.perf_counter() - started:.1f}s",
-          flush=True)
-# The final weights, for later looks on the validation split (not committed: /tmp).
-os.makedirs("/tmp/tuning_models", exist_ok=True)
-torch.save(model.state_dict(), f"/tmp/tuning_models/{name}_seed{seed}.pt")
+def shifted_digit_probabilities(model, pixels):
+    """The digit softmax averaged over the image and its 8 one-pixel shifts (pixels: N x 28 x 28, [0, 1])."""
+    padded = F.pad(pixels, (1, 1, 1, 1))  # a background border, so a shift brings in blank pixels
+    total = 0
+    with torch.no_grad():
+        for dy in range(3):
+            for dx in range(3):
+                images = au.normalize_images(padded[:, dy:dy + 28, dx:dx + 28])
+                total = total + model.digit_head(model.backbone(images)).softmax(dim=1)
+    return total / 9
+
+
+def validation_digit_accuracy(model, images, digits, tta):
+    model.eval()
+    pixels = images.float() / 255
+    with torch.no_grad():
+        if tta:
+            predicted = shifted_digit_probabilities(model, pixels).argmax(dim=1)
+        else:
+            predicted = model.digit_head(model.backbone(au.normalize_images(pixels))).argmax(dim=1)
+    return 100.0 * (predicted == digits).float().mean().item()
+
+
+def unseen_pairs_result(model, images, digits, held_out):
+    """Sum accuracy given a correct digit over every validation image of an unseen pair's digit,
+    paired with that pair's addend, through predict."""
+    result = au.pair_accuracy(model, images, digits, held_out)
+    return f"result unseen pairs: {result['samples']} validation pairs, sum given a correct digit " \
+           f"{result['sum_acc_given_correct_digit']:.2f}, digit {result['digit_acc']:.2f}"
+
+
+def main():
+    name, seed = sys.argv[1], int(sys.argv[2])
+    held_out = "--held-out" in sys.argv[3:]
+    recipe = au.settings_from_env(au.RECIPE)
+    train_full = au.load_mnist("data", train=True)
+    train_index, validation_index = au.split_indices(len(train_full), recipe["VALIDATION_SIZE"], seed=0)
+    if recipe["TRAIN_SIZE"]:
+        train_index = train_index[: recipe["TRAIN_SIZE"]]
+    images = au.normalize_images(train_full.data[train_index])
+    digits = train_full.targets[train_index]
+    validation_images = train_full.data[validation_index]
+    validation_digits = train_full.targets[validation_index]
+    validation_addends = au.seeded_addends(len(validation_index), seed=1)
+    validation_sums = validation_digits + validation_addends
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = au.AdderNet(recipe["STAGES"])
+    settings = " ".join(f"{key}={value}" for key, value in recipe.items()
+                        if held_out or not key.startswith("HELD_OUT"))
+    held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=0) if held_out else []
+    print(f"{name} seed {seed}: {au.count_parameters(model)} parameters; {settings}", flush=True)
+    steps_per_epoch = len(images) // recipe["BATCH_SIZE"]
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, recipe["EPOCHS"] * steps_per_epoch)
+    averages = {decay: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) for decay in EMA_DECAYS}
+    digit_criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["LABEL_SMOOTHING"])
+    use_autocast = au.supports_bf16(torch.device("cpu"))
+
+    for epoch in range(1, recipe["EPOCHS"] + 1):
+        started = time.perf_counter()
+        model.train()
+        meter = au.EpochMeter("cpu")
+        batches = au.random_batches(images, digits, recipe["BATCH_SIZE"], generator, au.pair_mask(held_out_pairs))
+        for batch_index, (batch_images, addends, batch_digits, sums) in enumerate(batches):
+            batch_images = au.augment(batch_images, generator, recipe["MAX_ROTATION"], recipe["MAX_SHIFT"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                digit_logits, sum_logits = model(batch_images, addends)
+                loss = digit_criterion(digit_logits, batch_digits) + F.cross_entropy(sum_logits, sums)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            meter.update(loss, batch_index)
+            for average in averages.values():
+                average.update_parameters(model)
+        mean_loss = meter.finite_mean(epoch)
+        seconds = time.perf_counter() - started
+        metrics = au.accuracy_metrics(*au.predict(model, validation_images, validation_addends),
+                                      validation_digits, validation_sums)
+        print(f"epoch {epoch:2d} loss {mean_loss:.4f} val digit {metrics['digit_acc']:.2f} "
+              f"sum {metrics['sum_acc']:.2f} joint {metrics['joint_acc']:.2f} {seconds:.1f}s", flush=True)
+
+    if held_out:
+        print(f"held out: {held_out_pairs}", flush=True)
+        print(unseen_pairs_result(model, validation_images, validation_digits, held_out_pairs), flush=True)
+    variants = {"plain": model}
+    for decay, average in averages.items():
+        # The averaged weights never ran forward in training mode: measure their batch-norm
+        # statistics on the training images, in batches of the training size.
+        update_bn(images.split(recipe["BATCH_SIZE"]), average.module.backbone)
+        variants[f"ema{decay}"] = average.module
+    for label, variant in variants.items():
+        for tta in (False, True):
+            accuracy = validation_digit_accuracy(variant, validation_images, validation_digits, tta)
+            print(f"result {label}{'+tta' if tta else ''} val digit {accuracy:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
