@@ -8,22 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-import adder_utils as au
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-# Every row the benchmark knows; --short skips the torch.compile ones and says so, and a
-# machine without CUDA (or without native bf16) skips the rows that need it.
-ALL_ROWS = {"reference", "device", "device_compile", "device_compile_bf16", "notebook_cpu", "notebook_gpu",
-            "notebook_gpu_cudagraphs"}
-COMPILE_ROWS = {"device_compile", "device_compile_bf16", "notebook_gpu", "notebook_gpu_cudagraphs"}
-ROW_FIELDS = {
-    "name", "images_per_second", "x_reference", "epoch_seconds", "warmup_seconds",
-    "first_step_seconds", "model_gflops_per_second", "mfu_vs_fp32_matmul", "mfu_vs_bf16_matmul",
-    "time_to_target",
-}
+import train_speed  # noqa: E402
+
+ROW_FIELDS = {"key", "name", "compared_with", "autocast", "images_per_second", "step_ms", "epoch_seconds",
+              "recipe_seconds", "warmup_seconds", "time_to_target", "profile"}
 
 
 def test_short_benchmark_writes_results(tmp_path):
@@ -32,59 +26,32 @@ def test_short_benchmark_writes_results(tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-
-    device_type = "cuda" if "Benchmarking on CUDA" in completed.stdout else "cpu"
-    report = (tmp_path / f"results_{device_type}_short.md").read_text()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     results = json.loads((tmp_path / f"results_{device_type}_short.json").read_text())
+    report = (tmp_path / f"results_{device_type}_short.md").read_text()
 
     assert results["short"] is True and results["partial"] is False
-    assert results["failed"] == []
+    assert not [row for row in results["not_measured"] if row["outcome"].startswith("FAILED")]
     measured = {row["key"] for row in results["rows"]}
-    skipped = {row["key"] for row in results["skipped"]}
-    assert measured | skipped == ALL_ROWS and not measured & skipped
-    assert skipped == COMPILE_ROWS
-    bf16_native = au.supports_bf16(torch.device(device_type))
-    for row in results["rows"]:  # bf16 autocast exactly where bf16 is native, as in the notebook
-        assert row["autocast"] == (bf16_native and row["key"] == "notebook_cpu")
-
+    expected = {row["key"] for row in train_speed.ROWS
+                if (device_type == "cuda" or not row.get("needs_cuda")) and not row.get("needs_cpu")}
+    assert measured == expected
+    assert measured | {row["key"] for row in results["not_measured"]} == {row["key"] for row in train_speed.ROWS}
     for row in results["rows"]:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
-        assert row["images_per_second"] > 0
-        assert row["epoch_seconds"] > 0
-        assert row["warmup_seconds"] > 0
-        assert row["mfu_vs_fp32_matmul"] > 0
-        assert (row["mfu_vs_bf16_matmul"] is not None) == row["autocast"]
+        assert row["images_per_second"] > 0 and row["warmup_seconds"] > 0
+        assert row["recipe_seconds"] == pytest.approx(row["epoch_seconds"] * train_speed.au.RECIPE["EPOCHS"])
+        assert (row["time_to_target"] is None) == (row["key"] == "reference")
+        assert (row["profile"] is not None) == (row["key"] in train_speed.PROFILED)
         assert row["name"] in report
-        outcome = row["time_to_target"]
-        assert outcome["checks"], "the time-to-target run never validated"
-        assert outcome["reached"] == (outcome["seconds"] is not None)
-    assert next(row for row in results["rows"] if row["key"] == "reference")["x_reference"] == 1.0
+    for row in results["not_measured"]:
+        assert f"| {row['name']} | {row['outcome']} |" in report
+    assert results["targets"] and all(isinstance(target["met"], bool) for target in results["targets"])
+    assert results["mflop_per_image"] > 0 and results["matmul_tflops"] > 0
+    assert "Short mode" in report and "Targets" in report and "Where the time goes" in report
 
-    # Where the time goes: the notebook's recipes are profiled, the other rows not.
-    assert "Where the time goes" in report
-    for row in results["rows"]:
-        profile = row["profile"]
-        assert (profile is not None) == (row["key"] in {"notebook_cpu", "notebook_gpu", "notebook_gpu_cudagraphs"})
-        if profile is None:
-            continue
-        assert profile["steps"] == results["settings"]["profiled_steps"]
-        assert profile["wall_ms_per_step"] > 0 and profile["profiled_wall_ms_per_step"] > 0
-        assert profile["top_host_ops"] and all(op["self_ms_per_step"] >= 0 for op in profile["top_host_ops"])
-        on_gpu = device_type == "cuda"
-        assert (profile["device_busy_ms_per_step"] is not None) == on_gpu
-        assert bool(profile["top_device_ops"]) == on_gpu
-        assert f"**{row['name']}**" in report
 
-    assert results["matmul"]["fp32_gflops_per_second"] > 0
-    assert results["matmul"]["bf16_gflops_per_second"] > 0
-    flops = results["flop_counting"]
-    assert flops["training_flops_per_image"] > flops["forward_flops_per_image"] > 0
-    assert "FlopCounterMode" in flops["method"]
-
-    environment = results["environment"]
-    for key in ("cpu", "cpu_threads", "device_name", "torch", "torchvision"):
-        assert environment[key], key
-    assert results["targets"] and all(isinstance(item["met"], bool) for item in results["targets"])
-    assert "Short mode" in report and "Targets" in report and "Partial" not in report
-    for row in results["skipped"]:
-        assert f"| {row['name']} | skipped: {row['reason']} |" in report
+def test_every_row_changes_one_thing_against_a_row_before_it():
+    keys = [row["key"] for row in train_speed.ROWS]
+    for index, row in enumerate(train_speed.ROWS[1:], start=1):
+        assert row["compared_with"] in keys[:index], row["key"]
