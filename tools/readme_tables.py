@@ -1,0 +1,191 @@
+"""Write the README's result tables from what the reported run logged in training_logs/.
+
+    python tools/readme_tables.py           # rewrite the tables in README.md
+    python tools/readme_tables.py --check   # exit 1 if README.md's tables are not what this writes
+
+Each table sits in README.md between two markers, ``<!-- begin: NAME -->`` and
+``<!-- end: NAME -->``; everything between them is rewritten, everything else is left alone.
+tests/test_readme_tables.py fails when the README's tables differ from what this script writes.
+"""
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+LOGS = REPO / "training_logs"
+
+RESULT_ROWS = (  # (label, key in test_metrics.json and seeds.json)
+    ("digit accuracy", "digit_acc"),
+    ("sum accuracy", "sum_acc"),
+    ("joint accuracy (both right)", "joint_acc"),
+    ("sum accuracy given a correct digit", "sum_acc_given_correct_digit"),
+    ("consistency (sum = digit + addend)", "consistency"),
+    ("digit invariance (same digit for all 10 addends)", "digit_invariance"),
+)
+
+
+def read_logs(logs: Path) -> dict:
+    def read_json(name):
+        return json.loads((logs / name).read_text())
+
+    with open(logs / "history.csv") as file:
+        history = list(csv.DictReader(file))
+    return {"record": read_json("run_record.json"), "metrics": read_json("test_metrics.json"),
+            "seeds": read_json("seeds.json"), "held_out": read_json("held_out.json"),
+            "pairs_needed": read_json("pairs_needed.json"), "history": history}
+
+
+def percent(value, digits=2):
+    return f"{value:.{digits}f} %"
+
+
+def machine(record) -> str:
+    environment = record["environment"]
+    if environment["device_type"] == "cuda":
+        cudnn = environment["cudnn"]  # e.g. 91900 for 9.19.0
+        cudnn = f"{cudnn // 10000}.{cudnn % 10000 // 100}.{cudnn % 100}"
+        device = f"GPU: {environment['device_name']} (CUDA {environment['cuda']}, cuDNN {cudnn})"
+    else:
+        device = f"CPU: {environment['device_name']}, {environment['cpu_threads']} threads"
+    speed = [name for name, used in (("bfloat16 autocast", record["bf16_autocast"]),
+                                     ("torch.compile", record["torch_compile"])) if used]
+    return (f"{device}; Python {environment['python']}, torch {environment['torch']}, torchvision "
+            f"{environment['torchvision']}" + (f"; {', '.join(speed)}" if speed else ""))
+
+
+def results_table(logs) -> list[str]:
+    record, metrics, summary = logs["record"], logs["metrics"], logs["seeds"]["summary"]
+    runs = summary["digit_acc"]["runs"]
+    settings = record["settings"]
+    lines = [
+        f"Measured on {machine(record)}. {record['parameters']:,} parameters, {settings['EPOCHS']} epochs, "
+        f"trained on {settings['TRAIN_SIZE'] or 60_000 - settings['VALIDATION_SIZE']:,} images; "
+        f"every test image with every addend: "
+        f"{metrics['pairs']:,} pairs.",
+        "",
+        f"| test metric | main model (seed {record['seeds'][0]}) | "
+        + ("mean ± std over {runs} seeds | min | max |".format(runs=runs) if runs > 1 else "|"),
+        "| --- | ---: |" + (" ---: | ---: | ---: |" if runs > 1 else ""),
+    ]
+    for label, key in RESULT_ROWS:
+        row = f"| {label} | {percent(metrics[key])} |"
+        if runs > 1:
+            stats = summary[key]
+            row += f" {stats['mean']:.3f} ± {stats['std']:.3f} % | {percent(stats['min'])} | {percent(stats['max'])} |"
+        lines.append(row)
+    lines.append(f"| oracle adder (digit classifier + exact arithmetic) | {percent(metrics['oracle_sum_acc'])} |"
+                 + (" | | |" if runs > 1 else ""))
+    unseen = logs["held_out"]["unseen"]
+    held = len(logs["held_out"]["held_out_pairs"])
+    lines += ["", f"The held-out model, trained on {100 - held} of the 100 (digit, addend) pairs, adds the other "
+              f"{held}: {percent(unseen['sum_acc_given_correct_digit'])} of their sums are right when it reads the "
+              f"digit right ({unseen['samples']:,} test pairs; its digit accuracy on them: "
+              f"{percent(unseen['digit_acc'])})."]
+    return lines
+
+
+def seeds_table(logs) -> list[str]:
+    final_validation = {}
+    for row in logs["history"]:
+        final_validation[row["run"]] = float(row["digit_acc"])  # the last epoch's row wins
+    lines = ["| seed | test digit | test sum | test joint | final validation digit |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for run in logs["seeds"]["runs"]:
+        validation = final_validation[f"seed{run['seed']}"]
+        lines.append(f"| {run['seed']} | {percent(run['digit_acc'])} | {percent(run['sum_acc'])} | "
+                     f"{percent(run['joint_acc'])} | {percent(validation)} |")
+    return lines
+
+
+def training_log_table(logs) -> list[str]:
+    record = logs["record"]
+    main_run = f"seed{record['seeds'][0]}"
+    rows = [row for row in logs["history"] if row["run"] == main_run]
+    lines = ["| epoch | loss | val digit | val sum | val joint | lr | seconds |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row['epoch']} | {float(row['loss']):.4f} | {float(row['digit_acc']):.2f} | "
+                     f"{float(row['sum_acc']):.2f} | {float(row['joint_acc']):.2f} | {float(row['lr']):.2e} | "
+                     f"{float(row['seconds']):.1f} |")
+    seconds = [float(row["seconds"]) for row in rows]
+    compiled = " (it holds torch.compile's compilation)" if record["torch_compile"] else ""
+    lines += ["", f"Training took {sum(seconds):.0f} s: {seconds[0]:.1f} s for the first epoch{compiled}, "
+              f"then {min(seconds[1:], default=0):.1f} to {max(seconds[1:], default=0):.1f} s an epoch. The "
+              f"whole notebook ({record['settings']['SEEDS']} seeds, the held-out run and the studies) took "
+              f"{record['notebook_seconds']:.0f} s."]
+    return lines
+
+
+def held_out_table(logs) -> list[str]:
+    held_out = logs["held_out"]
+    pairs = [tuple(pair) for pair in held_out["held_out_pairs"]]
+    table = held_out["adder_table"]
+    lines = ["| pairs | test samples | digit accuracy | sum accuracy | sum accuracy given a correct digit |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, label in (("seen", f"the {100 - len(pairs)} seen in training"), ("unseen", f"the {len(pairs)} held out")):
+        result = held_out[name]
+        lines.append(f"| {label} | {result['samples']:,} | {percent(result['digit_acc'])} | "
+                     f"{percent(result['sum_acc'])} | {percent(result['sum_acc_given_correct_digit'])} |")
+    wrong = [(d, a) for d, a in pairs if table[d][a] != d + a]
+    lines += ["", f"Its sum head, asked for the {len(pairs)} held-out pairs on exact digit codes, answers "
+              + (f"all {len(pairs)} right." if not wrong else
+                 f"{len(pairs) - len(wrong)} right; wrong: " + ", ".join(f"{d}+{a} -> {table[d][a]}" for d, a in wrong) + ".")]
+    return lines
+
+
+def pairs_needed_table(logs) -> list[str]:
+    study = logs["pairs_needed"]
+    lines = ["| pairs held out | seen pairs connect every value | number-line head: unseen pairs right | "
+             "one-hot class head: unseen pairs right |",
+             "| ---: | ---: | ---: | ---: |"]
+    for count in study["held_out_counts"]:
+        rows = {head: [row for row in study["rows"] if row["held_out"] == count and row["head"] == head]
+                for head in ("number-line head", "one-hot class head")}
+        line_rows = rows["number-line head"]
+        lines.append(f"| {count} | {sum(row['connected'] for row in line_rows)} of {len(line_rows)} sets | "
+                     + " | ".join(", ".join(f"{row['unseen_acc']:.0f}" for row in rows[head]) + " %"
+                                  for head in ("number-line head", "one-hot class head")) + " |")
+    return lines
+
+
+TABLES = {
+    "results": results_table,
+    "seeds": seeds_table,
+    "training-log": training_log_table,
+    "held-out": held_out_table,
+    "pairs-needed": pairs_needed_table,
+}
+
+
+def render(readme: str, logs_dir: Path = LOGS) -> str:
+    """``readme`` with every table block rewritten from the logs in ``logs_dir``."""
+    logs = read_logs(logs_dir)
+    for name, make_table in TABLES.items():
+        pattern = re.compile(rf"(<!-- begin: {name} -->\n).*?(^<!-- end: {name} -->)", re.DOTALL | re.MULTILINE)
+        if len(pattern.findall(readme)) != 1:
+            raise ValueError(f"README.md needs one block '<!-- begin: {name} -->' ... '<!-- end: {name} -->'")
+        table = "\n".join(make_table(logs)) + "\n"
+        readme = pattern.sub(lambda match: match.group(1) + table + match.group(2), readme)
+    return readme
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if the tables are out of date")
+    arguments = parser.parse_args()
+    current = README.read_text()
+    written = render(current)
+    if arguments.check:
+        if written != current:
+            sys.exit("README.md's tables differ from training_logs/: run python tools/readme_tables.py")
+        return
+    README.write_text(written)
+
+
+if __name__ == "__main__":
+    main()
