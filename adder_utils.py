@@ -8,8 +8,10 @@ The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -857,27 +859,32 @@ def train_sum_head_alone(sum_head: nn.Module, allowed: torch.Tensor, seed: int, 
     return sum_head.eval()
 
 
-def pairs_needed_study(held_out_counts, seeds, steps: int = 2000) -> list[dict]:
-    """For each count of held-out pairs and each seed: hold out that many random pairs (every
-    digit and addend still seen), train both kinds of sum head alone on the rest, and score
-    each on the pairs it never saw. One row per (count, seed, head)."""
-    heads = {"one-hot class head": OneHotClassSumHead, "number-line head": NumberLineSumHead}
-    rows = []
-    for count in held_out_counts:
-        for seed in seeds:
-            held = held_out_pairs(count, seed, keep_every_sum=False, connected=False)
-            allowed = pair_mask(held)
-            for head_name, make_head in heads.items():
-                torch.manual_seed(seed)
-                head = train_sum_head_alone(make_head(), allowed, seed, steps)
-                table = adder_table(head)
-                rows.append({
-                    "held_out": count, "seed": seed, "head": head_name,
-                    "connected": seen_pairs_connect_every_value(allowed),
-                    "seen_acc": table_accuracy(table, allowed),
-                    "unseen_acc": table_accuracy(table, ~allowed),
-                })
-    return rows
+SUM_HEADS = {"one-hot class head": OneHotClassSumHead, "number-line head": NumberLineSumHead}
+
+
+def pairs_needed_run(count: int, seed: int, head_name: str, steps: int) -> dict:
+    """One run of ``pairs_needed_study``: hold out ``count`` random pairs (drawn with ``seed``;
+    every digit and addend still seen), train a head of that kind alone on the rest, score it."""
+    torch.set_num_threads(1)  # a tiny model: one core each, so that runs can share the others
+    allowed = pair_mask(held_out_pairs(count, seed, keep_every_sum=False, connected=False))
+    torch.manual_seed(seed)
+    table = adder_table(train_sum_head_alone(SUM_HEADS[head_name](), allowed, seed, steps))
+    return {"held_out": count, "seed": seed, "head": head_name,
+            "connected": seen_pairs_connect_every_value(allowed),
+            "seen_acc": table_accuracy(table, allowed), "unseen_acc": table_accuracy(table, ~allowed)}
+
+
+def pairs_needed_study(held_out_counts, seeds, steps: int = 2000, processes: int | None = None) -> list[dict]:
+    """For each count of held-out pairs, each seed and each kind of sum head, one
+    ``pairs_needed_run``: one row each. The runs are independent, so they run side by side in
+    ``processes`` worker processes (default: one per CPU core); each gives what it gives alone."""
+    jobs = [(count, seed, head_name, steps) for count in held_out_counts for seed in seeds for head_name in SUM_HEADS]
+    processes = min(processes or os.cpu_count() or 1, len(jobs))
+    if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [pairs_needed_run(*job) for job in jobs]
+    # Forked workers that run CPU work only, as a DataLoader's workers do (CUDA stays unused there).
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(pairs_needed_run, *zip(*jobs)))
 
 
 # --------------------------------------------------------------------------------------

@@ -947,6 +947,12 @@ def test_pairs_needed_study_rows():
         assert 0 <= row["seen_acc"] <= 100 and 0 <= row["unseen_acc"] <= 100
 
 
+def test_pairs_needed_study_side_by_side_gives_what_each_run_gives_alone():
+    one_at_a_time = au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=1)
+    assert au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=2) == one_at_a_time
+    assert one_at_a_time[0] == au.pairs_needed_run(10, 0, "one-hot class head", 60)
+
+
 def test_summarize_runs():
     summary = au.summarize_runs([1.0, 2.0, 3.0, 4.0])
     assert summary == pytest.approx({"mean": 2.5, "std": math.sqrt(5 / 3), "min": 1.0, "max": 4.0, "runs": 4})

@@ -125,7 +125,10 @@ def held_out_table(logs) -> list[str]:
     held_out = logs["held_out"]
     pairs = [tuple(pair) for pair in held_out["held_out_pairs"]]
     table = held_out["adder_table"]
-    lines = ["| pairs | test samples | digit accuracy | sum accuracy | sum accuracy given a correct digit |",
+    seen = [(d, a) for d in range(10) for a in range(10) if (d, a) not in pairs]
+    named = (f"Held out: {', '.join(f'{d}+{a}' for d, a in pairs)}." if len(pairs) <= len(seen)
+             else f"The only pairs seen in training: {', '.join(f'{d}+{a}' for d, a in seen)}.")
+    lines = [named, "", "| pairs | test samples | digit accuracy | sum accuracy | sum accuracy given a correct digit |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, label in (("seen", f"the {100 - len(pairs)} seen in training"), ("unseen", f"the {len(pairs)} held out")):
         result = held_out[name]

@@ -3,9 +3,10 @@
 Reads the logs tune.py wrote (training_logs/tuning/NAME_seedSEED.log). A candidate is a log
 name, or a log name and one of the extras tune.py scores at the end (``+tta``, ``+ema0.998``,
 ...). Each row gives the mean ± sample standard deviation over seeds of the final validation
-digit accuracy, each seed's value, and, for candidates run with the same seeds as the recipe
-(``recipe``), the mean ± std of their seed-by-seed difference from it: paired by seed, the
-difference is less noisy than either mean.
+digit accuracy, each seed's value, and, for candidates run with the same seeds as the
+baseline, the mean ± std of their seed-by-seed difference from it. The baseline is the
+candidate trained with the recipe, adder_utils.RECIPE with any ADDER_<KEY> overrides, as
+tune.py reads it; the settings column names what differs from that recipe.
 
 Run from the repository root: python tuning/summarize.py
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import adder_utils as au  # noqa: E402
 
 LOGS = REPO / "training_logs" / "tuning"
-BASELINE = "recipe"
+RECIPE = au.settings_from_env(au.RECIPE)
 
 
 def read_log(path):
@@ -37,6 +38,9 @@ def read_log(path):
     planned = re.search(r"(?:epochs|EPOCHS)=(\d+)", settings)
     if not epochs or int(epochs[-1].group(1)) != int(planned.group(1)):
         return None  # unfinished
+    unseen = next((line for line in lines if line.startswith("result unseen pairs:")), None)
+    if unseen:  # a --held-out run: what matters is the pairs it never saw
+        return name, int(seed), int(parameters), settings, {"unseen": unseen.removeprefix("result unseen pairs: ")}
     results = {name: float(epochs[-1].group(2))}
     for line in lines:
         extra = re.match(r"result (\S+) val digit ([\d.]+)", line)
@@ -51,7 +55,7 @@ def changed_settings(settings: str) -> str:
         return settings
     pairs = dict(re.findall(r"(\w+)=(\(.*?\)\)|\S+)", settings))
     changed = []
-    for key, default in au.RECIPE.items():
+    for key, default in RECIPE.items():
         if key in pairs:
             value = ast.literal_eval(pairs[key]) if isinstance(default, tuple) else type(default)(
                 pairs[key] == "True" if isinstance(default, bool) else pairs[key])
@@ -62,25 +66,32 @@ def changed_settings(settings: str) -> str:
 
 def main():
     runs = defaultdict(dict)  # candidate -> {seed: accuracy}
-    described = {}
+    described, held_out_rows = {}, []
     for path in sorted(LOGS.glob("*_seed*.log")):
         log = read_log(path)
         if log is None:
             continue
         name, seed, parameters, settings, results = log
+        if "unseen" in results:
+            held_out_rows.append(f"| {name} | {seed} | {changed_settings(settings)} | {results['unseen']} |")
+            continue
         for candidate, accuracy in results.items():
             runs[candidate][seed] = accuracy
             described[candidate] = (parameters, changed_settings(settings))
 
-    baseline = runs.get(BASELINE, {})
+    recipe_runs = [name for name, (_, settings) in described.items() if settings == "the recipe" and "+" not in name]
+    if len(recipe_runs) > 1:
+        raise SystemExit(f"several candidates are the recipe: {', '.join(recipe_runs)}")
+    baseline_name = recipe_runs[0] if recipe_runs else None
+    baseline = runs.get(baseline_name, {})
     rows = ["| candidate | parameters | settings (what differs from the recipe) | seeds | "
-            "val digit %, mean ± std | per seed | paired difference from the recipe |",
+            f"val digit %, mean ± std | per seed | paired difference from `{baseline_name}` |",
             "| --- | ---: | --- | ---: | ---: | --- | ---: |"]
     for candidate, by_seed in sorted(runs.items(), key=lambda item: -statistics.mean(item[1].values())):
         values = [by_seed[seed] for seed in sorted(by_seed)]
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         paired = ""
-        if candidate != BASELINE and len(by_seed) > 1 and set(by_seed) <= set(baseline):
+        if candidate != baseline_name and len(by_seed) > 1 and set(by_seed) <= set(baseline):
             differences = [by_seed[seed] - baseline[seed] for seed in sorted(by_seed)]
             paired = f"{statistics.mean(differences):+.3f} ± {statistics.stdev(differences):.3f}"
         parameters, settings = described[candidate]
@@ -92,6 +103,10 @@ def main():
         "made and what was chosen). The 5,000 validation images come from the training set; the test set "
         "is never loaded.\n\n" + "\n".join(rows) + "\n"
     )
+    if held_out_rows:
+        text += ("\nRuns that never saw the recipe's held-out pairs (`tune.py --held-out`), scored on the "
+                 "validation images of those pairs:\n\n| run | seed | settings | the unseen pairs |\n"
+                 "| --- | ---: | --- | --- |\n" + "\n".join(held_out_rows) + "\n")
     (LOGS / "candidates.md").write_text(text)
     print(text)
 
