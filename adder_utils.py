@@ -509,7 +509,7 @@ class CapturedStep:
     undone: weights, batch-norm statistics, momentum buffers, random states and the ``scaler``'s
     scale go back to what they were, so training continues exactly as if they had never run.
 
-    On a CPU nothing is recorded: ``step`` runs as it is, on the same input tensors.
+    On a CPU nothing is recorded: after the same warm-up, undone, ``step`` runs as it is.
     """
 
     def __init__(self, step, example_batch, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -549,10 +549,10 @@ class CapturedStep:
                 "hold it in a tensor (the learning rate: sgd_one_cycle(..., fused=True); momentum "
                 "cycling: CYCLE_MOMENTUM=False)."
             )
+        if self.graph is None:  # nothing recorded: no need for the input tensors either
+            return self.step(*batch)
         for static, new in zip(self.inputs, batch):
             static.copy_(new)
-        if self.graph is None:
-            return self.step(*self.inputs)
         self.graph.replay()
         return self.loss
 

@@ -97,11 +97,13 @@ def main():
         parameters, settings = described[candidate]
         rows.append(f"| {candidate} | {parameters:,} | {settings} | {len(values)} | "
                     f"{statistics.mean(values):.3f}{spread} | {', '.join(f'{v:.2f}' for v in values)} | {paired} |")
+    overrides = [f"{key}={value}" for key, value in RECIPE.items() if value != au.RECIPE[key]]
+    recipe = "adder_utils.RECIPE" + (f" with {', '.join(overrides)}" if overrides else "")
     text = (
         "# Tuning candidates: validation digit accuracy\n\n"
         "Written by `tuning/summarize.py` from the logs beside it (`tuning/README.md` says how they were "
         "made and what was chosen). The 5,000 validation images come from the training set; the test set "
-        "is never loaded.\n\n" + "\n".join(rows) + "\n"
+        f"is never loaded. The recipe here is {recipe}.\n\n" + "\n".join(rows) + "\n"
     )
     if held_out_rows:
         text += ("\nRuns that never saw the recipe's held-out pairs (`tune.py --held-out`), scored on the "
