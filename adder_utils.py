@@ -30,10 +30,11 @@ from torch import nn
 NUM_DIGITS = 10  # digit classes 0-9, and addends 0-9
 NUM_SUMS = 19  # sums 0-18
 
-# The recipe: everything that decides what a training run learns, in one place (the notebook,
-# the benchmark and the tuning scripts all read it; an ADDER_<KEY> variable overrides a key,
-# see settings_from_env). A resumed run must have the recipe it was saved with, because its
-# saved optimizer and schedule carry it. Every value was chosen on the validation split:
+# The recipe: everything that decides what a training run learns. The module's defaults, the
+# benchmark and the tuning scripts read it here, and the notebook's settings cell holds the same
+# values (tests/test_notebook.py checks it); an ADDER_<KEY> variable overrides a key (see
+# settings_from_env). A resumed run must have the recipe it was saved with, because its saved
+# optimizer and schedule carry it. Every value was chosen on the validation split:
 # tuning/README.md says how.
 RECIPE = {
     "STAGES": ((12, 12), (16, 16, 16), (24, 24)),  # conv widths at 28x28, 14x14 and 7x7
@@ -865,7 +866,6 @@ SUM_HEADS = {"one-hot class head": OneHotClassSumHead, "number-line head": Numbe
 def pairs_needed_run(count: int, seed: int, head_name: str, steps: int) -> dict:
     """One run of ``pairs_needed_study``: hold out ``count`` random pairs (drawn with ``seed``;
     every digit and addend still seen), train a head of that kind alone on the rest, score it."""
-    torch.set_num_threads(1)  # a tiny model: one core each, so that runs can share the others
     allowed = pair_mask(held_out_pairs(count, seed, keep_every_sum=False, connected=False))
     torch.manual_seed(seed)
     table = adder_table(train_sum_head_alone(SUM_HEADS[head_name](), allowed, seed, steps))
@@ -882,8 +882,10 @@ def pairs_needed_study(held_out_counts, seeds, steps: int = 2000, processes: int
     processes = min(processes or os.cpu_count() or 1, len(jobs))
     if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [pairs_needed_run(*job) for job in jobs]
-    # Forked workers that run CPU work only, as a DataLoader's workers do (CUDA stays unused there).
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+    # Forked workers that run CPU work only, one thread each (a tiny model), as a DataLoader's
+    # workers do; CUDA stays unused there.
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
         return list(pool.map(pairs_needed_run, *zip(*jobs)))
 
 

@@ -948,7 +948,9 @@ def test_pairs_needed_study_rows():
 
 
 def test_pairs_needed_study_side_by_side_gives_what_each_run_gives_alone():
+    threads = torch.get_num_threads()
     one_at_a_time = au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=1)
+    assert torch.get_num_threads() == threads  # the caller's training keeps its threads
     assert au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=2) == one_at_a_time
     assert one_at_a_time[0] == au.pairs_needed_run(10, 0, "one-hot class head", 60)
 

@@ -148,6 +148,17 @@ def same_weights(model, other):
     return all(torch.equal(value.cpu(), theirs[name].cpu()) for name, value in model.state_dict().items())
 
 
+def test_the_notebooks_recipe_is_the_modules(monkeypatch):
+    """The settings cell's recipe, with no ADDER_* variable set, has adder_utils.RECIPE's values."""
+    for name in [name for name in os.environ if name.startswith("ADDER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(REPO)
+    namespace = {"__name__": "__notebook__"}
+    for index, source in enumerate(code_cells_through(SETTINGS_CELL)):  # in the project: no clone
+        exec(compile(source, f"<notebook code cell {index}>", "exec"), namespace)
+    assert namespace["recipe"] and namespace["recipe"].items() <= au.RECIPE.items()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message appears only without a GPU")
 def test_device_cell_without_gpu_tells_colab_users_what_to_do(short_run_env, monkeypatch):
     monkeypatch.delenv("ADDER_ALLOW_CPU")
