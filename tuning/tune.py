@@ -37,26 +37,10 @@ import adder_utils as au  # noqa: E402
 EMA_DECAYS = (0.998, 0.9995)  # averaging windows of about 500 and 2,000 steps
 
 
-def shifted_digit_probabilities(model, pixels):
-    """The digit softmax averaged over the image and its 8 one-pixel shifts (pixels: N x 28 x 28, [0, 1])."""
-    padded = F.pad(pixels, (1, 1, 1, 1))  # a background border, so a shift brings in blank pixels
-    total = 0
-    with torch.no_grad():
-        for dy in range(3):
-            for dx in range(3):
-                images = au.normalize_images(padded[:, dy:dy + 28, dx:dx + 28])
-                total = total + model.digit_head(model.backbone(images)).softmax(dim=1)
-    return total / 9
-
-
 def validation_digit_accuracy(model, images, digits, tta):
-    model.eval()
-    pixels = images.float() / 255
-    with torch.no_grad():
-        if tta:
-            predicted = shifted_digit_probabilities(model, pixels).argmax(dim=1)
-        else:
-            predicted = model.digit_head(model.backbone(au.normalize_images(pixels))).argmax(dim=1)
+    """Digit accuracy through predict, with or without its test-time shifts."""
+    model.test_time_shifts = tta
+    predicted, _ = au.predict(model, images, 0)  # the digit never depends on the addend
     return 100.0 * (predicted == digits).float().mean().item()
 
 
