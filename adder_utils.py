@@ -46,7 +46,8 @@ RECIPE = {
     "WEIGHT_DECAY": 1e-4,
     "LABEL_SMOOTHING": 0.1,     # on the digit loss only (the notebook's loss section says why)
     "MAX_ROTATION": 5.0,        # augmentation: random rotations up to this many degrees ...
-    "MAX_SHIFT": 1.0,           # ... and shifts up to this many pixels
+    "MAX_SHIFT": 1.0,           # ... and shifts up to this many pixels ...
+    "MAX_SCALE": 0.0,           # ... and scalings by up to this fraction (0: none)
     "TEST_TIME_SHIFTS": False,  # predict reads each digit from the image and its 8 one-pixel shifts
     "TRAIN_SIZE": 0,            # 0: all 55,000 training images
     "VALIDATION_SIZE": 5000,    # taken from the 60,000 training images
@@ -338,14 +339,20 @@ def random_batches(images, digits, batch_size, generator, allowed=None):
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, max_rotation: float = RECIPE["MAX_ROTATION"],
-            max_shift: float = RECIPE["MAX_SHIFT"]):
-    """Random small rotations (up to ``max_rotation`` degrees) and shifts (up to ``max_shift``
-    pixels) of a normalised batch, done on its device. No flips: a mirrored 2 or 5 is not a digit."""
+            max_shift: float = RECIPE["MAX_SHIFT"], max_scale: float = RECIPE["MAX_SCALE"]):
+    """Random small rotations (up to ``max_rotation`` degrees), shifts (up to ``max_shift``
+    pixels) and scalings (by up to ``max_scale``, a fraction of the size) of a normalised batch,
+    done on its device. No flips: a mirrored 2 or 5 is not a digit."""
     count = len(images)
     uniform = torch.rand(count, 3, device=images.device, generator=generator) * 2 - 1
     angle = uniform[:, 0] * math.radians(max_rotation)
     shift = uniform[:, 1:] * (2 * max_shift / images.shape[-1])  # grid coordinates span 2
     cos, sin = torch.cos(angle), torch.sin(angle)
+    if max_scale:  # drawn only when asked for, so that runs without it keep their random numbers
+        # The grid says where each output pixel reads from: reading from 1.1x as far out shows
+        # the digit at 1/1.1 of its size.
+        scale = 1 + (torch.rand(count, device=images.device, generator=generator) * 2 - 1) * max_scale
+        cos, sin = cos * scale, sin * scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     ).to(images.dtype)

@@ -420,6 +420,14 @@ def test_augment_without_rotation_or_shift_is_the_identity(test_images):
     assert torch.allclose(same, images, atol=1e-5)
 
 
+def test_augment_scaling_makes_digits_larger_and_smaller(test_images):
+    images = au.normalize_images(test_images[0][:32])
+    scaled = au.augment(images, torch.Generator().manual_seed(0), max_rotation=0.0, max_shift=0.0, max_scale=0.2)
+    background = images.min()
+    ink_change = (scaled > background + 1).sum((1, 2, 3)) - (images > background + 1).sum((1, 2, 3))
+    assert (ink_change > 0).any() and (ink_change < 0).any()
+
+
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
