@@ -6,7 +6,8 @@ name, or a log name and one of the extras tune.py scores at the end (``+tta``, `
 digit accuracy, each seed's value, and, for candidates run with the same seeds as the
 baseline, the mean ± std of their seed-by-seed difference from it. The baseline is the
 candidate trained with the recipe, adder_utils.RECIPE with any ADDER_<KEY> overrides, as
-tune.py reads it; the settings column names what differs from that recipe.
+tune.py reads it, scored with test-time shifts if the recipe has them; the settings column
+names what differs from that recipe.
 
 Run from the repository root: python tuning/summarize.py
 """
@@ -24,6 +25,10 @@ import adder_utils as au  # noqa: E402
 
 LOGS = REPO / "training_logs" / "tuning"
 RECIPE = au.settings_from_env(au.RECIPE)
+# Settings added after some logs were written, with the value those logs trained with.
+SETTINGS_ADDED_LATER = {"MAX_SCALE": 0.0}
+# Settings that do not change what tune.py trains: it scores both ways (the "+tta" rows).
+NOT_TRAINED = {"TEST_TIME_SHIFTS"}
 
 
 def read_log(path):
@@ -56,11 +61,17 @@ def changed_settings(settings: str) -> str:
     pairs = dict(re.findall(r"(\w+)=(\(.*?\)\)|\S+)", settings))
     changed = []
     for key, default in RECIPE.items():
+        if key in NOT_TRAINED:
+            continue
         if key in pairs:
             value = ast.literal_eval(pairs[key]) if isinstance(default, tuple) else type(default)(
                 pairs[key] == "True" if isinstance(default, bool) else pairs[key])
-            if value != default:
-                changed.append(f"{key}={pairs[key]}")
+        elif key in SETTINGS_ADDED_LATER:
+            value = SETTINGS_ADDED_LATER[key]
+        else:
+            continue
+        if value != default:
+            changed.append(f"{key}={value}")
     return ", ".join(changed) or "the recipe"
 
 
@@ -82,7 +93,8 @@ def main():
     recipe_runs = [name for name, (_, settings) in described.items() if settings == "the recipe" and "+" not in name]
     if len(recipe_runs) > 1:
         raise SystemExit(f"several candidates are the recipe: {', '.join(recipe_runs)}")
-    baseline_name = recipe_runs[0] if recipe_runs else None
+    # The recipe's run, read as the recipe's predict reads it: with test-time shifts if it has them.
+    baseline_name = recipe_runs[0] + (" +tta" if RECIPE["TEST_TIME_SHIFTS"] else "") if recipe_runs else None
     baseline = runs.get(baseline_name, {})
     rows = ["| candidate | parameters | settings (what differs from the recipe) | seeds | "
             f"val digit %, mean ± std | per seed | paired difference from `{baseline_name}` |",
