@@ -113,7 +113,8 @@ def build_training(row, total_steps, device):
     compiled = row.get("compile") == "always" or (row.get("compile") == "gpu" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     dtype = {True: au.autocast_dtype(device), "float16": torch.float16}.get(row.get("autocast"))
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    # float16 needs its loss scaled; elsewhere the scaler is disabled and passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device).manual_seed(0)
 
     def step(images, addends, digits, sums):  # the notebook's training step
@@ -124,13 +125,9 @@ def build_training(row, total_steps, device):
             loss = (F.cross_entropy(digit_logits, digits, label_smoothing=recipe["LABEL_SMOOTHING"])
                     + F.cross_entropy(sum_logits, sums))
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return loss.detach()
 
     return model, scheduler, step, generator, optimizer, scaler, dtype

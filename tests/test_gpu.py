@@ -71,7 +71,7 @@ def cuda_training(fused, dtype=None, seed=0, steps=6):
     recipe = {**au.RECIPE, "CYCLE_MOMENTUM": False}
     optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, total_steps=steps, fused=fused)
     generator = torch.Generator(DEVICE).manual_seed(seed)
-    scaler = torch.amp.GradScaler(DEVICE.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=dtype == torch.float16)
 
     def step(images, addends, digits, sums):
         images = au.augment(images, generator)
@@ -79,13 +79,9 @@ def cuda_training(fused, dtype=None, seed=0, steps=6):
             digit_logits, sum_logits = model(images, addends)
             loss = F.cross_entropy(digit_logits, digits, label_smoothing=0.1) + F.cross_entropy(sum_logits, sums)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return loss.detach()
 
     return model, optimizer, scheduler, generator, scaler, step
