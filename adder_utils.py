@@ -64,12 +64,14 @@ NO_GPU_MESSAGE = (
 )
 
 
-def settings_from_env(defaults: dict, prefix: str = "ADDER_") -> dict:
+def settings_from_env(defaults: dict, prefix: str = "ADDER_", environ=None) -> dict:
     """Return ``defaults`` with each key overridden by the environment variable PREFIX+KEY,
-    read as the default's type (a tuple as a Python literal: ADDER_STAGES="((8, 8), (16,))")."""
+    read as the default's type (a tuple as a Python literal: ADDER_STAGES="((8, 8), (16,))").
+    ``environ`` (os.environ if None) is where the variables are looked up."""
+    environ = os.environ if environ is None else environ
     settings = {}
     for key, default in defaults.items():
-        raw = os.environ.get(prefix + key)
+        raw = environ.get(prefix + key)
         if raw is None:
             settings[key] = default
         elif isinstance(default, tuple):

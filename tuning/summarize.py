@@ -12,7 +12,6 @@ names what differs from that recipe.
 Run from the repository root: python tuning/summarize.py
 """
 
-import ast
 import re
 import statistics
 import sys
@@ -58,20 +57,11 @@ def changed_settings(settings: str) -> str:
     """A tune.py log's settings, only those that differ from the recipe; older logs' as written."""
     if "STAGES=" not in settings:
         return settings
-    pairs = dict(re.findall(r"(\w+)=(\(.*?\)\)|\S+)", settings))
-    changed = []
-    for key, default in RECIPE.items():
-        if key in NOT_TRAINED:
-            continue
-        if key in pairs:
-            value = ast.literal_eval(pairs[key]) if isinstance(default, tuple) else type(default)(
-                pairs[key] == "True" if isinstance(default, bool) else pairs[key])
-        elif key in SETTINGS_ADDED_LATER:
-            value = SETTINGS_ADDED_LATER[key]
-        else:
-            continue
-        if value != default:
-            changed.append(f"{key}={value}")
+    logged = {key: str(value) for key, value in SETTINGS_ADDED_LATER.items()}
+    logged.update(re.findall(r"(\w+)=(\(.*?\)\)|\S+)", settings))
+    trained = au.settings_from_env(RECIPE, prefix="", environ=logged)  # read as ADDER_* overrides are
+    changed = [f"{key}={value}" for key, value in trained.items()
+               if key not in NOT_TRAINED and value != RECIPE[key]]
     return ", ".join(changed) or "the recipe"
 
 
