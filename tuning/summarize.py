@@ -62,6 +62,7 @@ def changed_settings(settings: str) -> str:
     trained = au.settings_from_env(RECIPE, prefix="", environ=logged)  # read as ADDER_* overrides are
     changed = [f"{key}={value}" for key, value in trained.items()
                if key not in NOT_TRAINED and value != RECIPE[key]]
+    changed += [f"{key}={value}" for key, value in logged.items() if key not in RECIPE]  # tune.py's flags
     return ", ".join(changed) or "the recipe"
 
 

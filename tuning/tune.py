@@ -12,6 +12,9 @@ same validation pairs, what costs no extra training:
 * ``+tta``: test-time augmentation, the digit's softmax averaged over the image and its eight
   one-pixel shifts.
 
+With ``--residual`` each convolution whose input and output widths match (4 of the recipe's 7)
+gets an identity shortcut, ``relu(x + bn(conv(x)))``: a residual network at no extra parameter.
+
 With ``--held-out`` the run never sees the recipe's HELD_OUT_PAIRS (digit, addend) pairs (drawn
 as the notebook draws them, seed 0) and reports, on the validation images, how often the sum of
 an unseen pair is right when the digit is read right.
@@ -37,6 +40,25 @@ import adder_utils as au  # noqa: E402
 EMA_DECAYS = (0.998, 0.9995)  # averaging windows of about 500 and 2,000 steps
 
 
+class IdentityShortcut(torch.nn.Module):
+    """A conv-BN-ReLU block with its input added back before the ReLU."""
+
+    def __init__(self, block: torch.nn.Sequential):
+        super().__init__()
+        self.conv_bn, self.relu = block[:2], block[2]
+
+    def forward(self, x):
+        return self.relu(x + self.conv_bn(x))
+
+
+def with_identity_shortcuts(model: au.AdderNet) -> au.AdderNet:
+    """The model with every width-keeping conv-BN-ReLU block of its backbone made residual."""
+    for index, block in enumerate(model.backbone):
+        if isinstance(block, torch.nn.Sequential) and block[0].in_channels == block[0].out_channels:
+            model.backbone[index] = IdentityShortcut(block)
+    return model
+
+
 def validation_digit_accuracy(model, images, digits, tta):
     """Digit accuracy through predict, with or without its test-time shifts."""
     model.test_time_shifts = tta
@@ -55,6 +77,7 @@ def unseen_pairs_result(model, images, digits, held_out):
 def main():
     name, seed = sys.argv[1], int(sys.argv[2])
     held_out = "--held-out" in sys.argv[3:]
+    residual = "--residual" in sys.argv[3:]
     recipe = au.settings_from_env(au.RECIPE)
     train_full = au.load_mnist("data", train=True)
     train_index, validation_index = au.split_indices(len(train_full), recipe["VALIDATION_SIZE"], seed=0)
@@ -70,8 +93,11 @@ def main():
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = au.AdderNet(recipe["STAGES"])
+    if residual:
+        model = with_identity_shortcuts(model)
     settings = " ".join(f"{key}={value}" for key, value in recipe.items()
                         if held_out or not key.startswith("HELD_OUT"))
+    settings += " RESIDUAL=True" if residual else ""
     held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=0) if held_out else []
     print(f"{name} seed {seed}: {au.count_parameters(model)} parameters; {settings}", flush=True)
     steps_per_epoch = len(images) // recipe["BATCH_SIZE"]
