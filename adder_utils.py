@@ -483,7 +483,10 @@ def sgd_one_cycle(parameters, recipe: dict, total_steps: int, fused: bool = Fals
     With ``CYCLE_MOMENTUM`` OneCycle also moves the momentum against the learning rate (0.95 at
     the start and the end, 0.85 at the peak), overwriting ``MOMENTUM``. ``fused=True`` keeps the
     learning rate in a tensor on the parameters' device, which the schedule updates in place, and
-    updates all parameters in one kernel: what a step recorded as a CUDA graph needs.
+    updates all parameters in one kernel: what a step recorded as a CUDA graph needs. Loading a
+    saved state (``optimizer.load_state_dict``) then copies the saved learning rate into that same
+    tensor, instead of putting the saved tensor, loaded on the CPU, in its place: a recorded
+    graph keeps reading the tensor it was recorded with.
     """
     parameters = list(parameters)
     lr = recipe["MAX_LR"]
@@ -491,6 +494,15 @@ def sgd_one_cycle(parameters, recipe: dict, total_steps: int, fused: bool = Fals
         lr = torch.tensor(lr, device=parameters[0].device)
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=recipe["MOMENTUM"], nesterov=True,
                                 weight_decay=recipe["WEIGHT_DECAY"], fused=fused or None)
+    if fused:
+        device_lrs = [group["lr"] for group in optimizer.param_groups]
+
+        def keep_the_lr_tensors(optimizer):
+            for group, device_lr in zip(optimizer.param_groups, device_lrs):
+                device_lr.copy_(torch.as_tensor(group["lr"]))
+                group["lr"] = device_lr
+
+        optimizer.register_load_state_dict_post_hook(keep_the_lr_tensors)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["MAX_LR"], total_steps=total_steps,
                                                     cycle_momentum=recipe["CYCLE_MOMENTUM"])
     return optimizer, scheduler

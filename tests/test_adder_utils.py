@@ -606,6 +606,26 @@ def test_sgd_one_cycle_is_sgd_with_nesterov_momentum_under_one_cycle():
     assert isinstance(fused.param_groups[0]["lr"], torch.Tensor) and fused.param_groups[0]["fused"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer step needed
+def test_fused_sgd_one_cycle_loads_a_saved_learning_rate_into_its_own_tensor(tmp_path):
+    """A recorded CUDA graph reads the learning-rate tensor it was recorded with: loading a saved
+    state must update that tensor, not swap in the saved one."""
+    model = nn.Linear(3, 2)
+    saved, saved_scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100, fused=True)
+    for _ in range(30):
+        saved_scheduler.step()
+    torch.save(saved.state_dict(), tmp_path / "optimizer.pt")
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100, fused=True)
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert optimizer.param_groups[0]["lr"] is lr_tensor
+    assert float(lr_tensor) == pytest.approx(float(saved.param_groups[0]["lr"]))
+    scheduler.load_state_dict(saved_scheduler.state_dict())
+    scheduler.step()
+    saved_scheduler.step()
+    assert float(lr_tensor) == pytest.approx(float(saved.param_groups[0]["lr"]))  # the schedule moves it
+
+
 def test_captured_step_computes_the_plain_steps_updates(test_images):
     batches = mnist_batches(test_images, 6)
     plain, fast = small_training(fused=False), small_training(fused=True)
