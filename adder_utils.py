@@ -47,7 +47,8 @@ RECIPE = {
     "LABEL_SMOOTHING": 0.1,     # on the digit loss only (the notebook's loss section says why)
     "MAX_ROTATION": 5.0,        # augmentation: random rotations up to this many degrees ...
     "MAX_SHIFT": 1.0,           # ... and shifts up to this many pixels ...
-    "MAX_SCALE": 0.0,           # ... and scalings by up to this fraction (0: none)
+    "MAX_SCALE": 0.0,           # ... and scalings by up to this fraction (0: none) ...
+    "ELASTIC": 0.0,             # ... and smooth elastic distortions moving pixels this far (RMS, 0: none)
     "TEST_TIME_SHIFTS": False,  # predict reads each digit from the image and its 8 one-pixel shifts
     "TRAIN_SIZE": 0,            # 0: all 55,000 training images
     "VALIDATION_SIZE": 5000,    # taken from the 60,000 training images
@@ -341,10 +342,13 @@ def random_batches(images, digits, batch_size, generator, allowed=None):
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, max_rotation: float = RECIPE["MAX_ROTATION"],
-            max_shift: float = RECIPE["MAX_SHIFT"], max_scale: float = RECIPE["MAX_SCALE"]):
+            max_shift: float = RECIPE["MAX_SHIFT"], max_scale: float = RECIPE["MAX_SCALE"],
+            elastic: float = RECIPE["ELASTIC"]):
     """Random small rotations (up to ``max_rotation`` degrees), shifts (up to ``max_shift``
     pixels) and scalings (by up to ``max_scale``, a fraction of the size) of a normalised batch,
-    done on its device. No flips: a mirrored 2 or 5 is not a digit."""
+    and, with ``elastic``, a smooth random distortion that moves each pixel by about that many
+    pixels (RMS), done on its device in one resampling. No flips: a mirrored 2 or 5 is not a
+    digit."""
     count = len(images)
     uniform = torch.rand(count, 3, device=images.device, generator=generator) * 2 - 1
     angle = uniform[:, 0] * math.radians(max_rotation)
@@ -359,9 +363,32 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_rotation: floa
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     ).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if elastic:  # drawn only when asked for, as the scaling
+        grid = grid + smooth_displacements(count, images.shape[-1], elastic, generator, images.device).to(grid.dtype)
     # "border" repeats the edge pixels, which are background, instead of padding with 0,
     # which after normalisation would be a grey frame.
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def smooth_displacements(count: int, size: int, rms_pixels: float, generator: torch.Generator, device,
+                         smoothness: float = 4.0) -> torch.Tensor:
+    """``count`` random displacement fields for a ``size`` x ``size`` image, as offsets to add to
+    an ``affine_grid`` (shape (count, size, size, 2), in its units: the image spans 2).
+
+    Each is white noise blurred by a Gaussian of ``smoothness`` pixels (Simard et al., 2003,
+    used 4 on MNIST), so that neighbouring pixels move together and strokes bend instead of
+    breaking, scaled so that a pixel moves ``rms_pixels`` on average (RMS, in each direction).
+    """
+    radius = int(2 * smoothness)
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-offsets**2 / (2 * smoothness**2))
+    kernel = kernel / kernel.sum()
+    noise = torch.randn(2 * count, 1, size, size, device=device, generator=generator)
+    field = F.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    field = F.conv2d(field, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    # A unit-variance noise blurred so has a standard deviation of 1 / (2 sqrt(pi) smoothness).
+    field = field * (rms_pixels * 2 * math.sqrt(math.pi) * smoothness * 2 / size)
+    return field.view(count, 2, size, size).permute(0, 2, 3, 1)
 
 
 # --------------------------------------------------------------------------------------

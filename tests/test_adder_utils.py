@@ -414,9 +414,9 @@ def test_augment_keeps_shape_and_dtype_and_moves_pixels(test_images):
     assert torch.equal(augmented, again)
 
 
-def test_augment_without_rotation_or_shift_is_the_identity(test_images):
+def test_augment_without_rotation_shift_or_scaling_is_the_identity(test_images):
     images = au.normalize_images(test_images[0][:8])
-    same = au.augment(images, torch.Generator().manual_seed(0), max_rotation=0.0, max_shift=0.0)
+    same = au.augment(images, torch.Generator().manual_seed(0), max_rotation=0.0, max_shift=0.0, max_scale=0.0)
     assert torch.allclose(same, images, atol=1e-5)
 
 
@@ -426,6 +426,29 @@ def test_augment_scaling_makes_digits_larger_and_smaller(test_images):
     background = images.min()
     ink_change = (scaled > background + 1).sum((1, 2, 3)) - (images > background + 1).sum((1, 2, 3))
     assert (ink_change > 0).any() and (ink_change < 0).any()
+
+
+def test_smooth_displacements_move_pixels_by_the_asked_amount_and_move_neighbours_together():
+    fields = au.smooth_displacements(256, 28, 1.5, torch.Generator().manual_seed(0), "cpu")
+    assert fields.shape == (256, 28, 28, 2)
+    pixels = fields * 14  # grid units to pixels: the image spans 2
+    rms = pixels[:, 8:20, 8:20].pow(2).mean().sqrt().item()  # away from the zero-padded edges
+    assert rms == pytest.approx(1.5, rel=0.1)
+    # Smooth: a pixel and its right-hand neighbour move almost alike, unlike white noise.
+    here, right = pixels[:, 8:20, 8:19].flatten(), pixels[:, 8:20, 9:20].flatten()
+    assert torch.corrcoef(torch.stack([here, right]))[0, 1] > 0.9
+    again = au.smooth_displacements(256, 28, 1.5, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(fields, again)
+
+
+def test_augment_elastic_distortion_bends_digits_and_keeps_their_ink(test_images):
+    images = au.normalize_images(test_images[0][:16])
+    generator = torch.Generator().manual_seed(0)
+    bent = au.augment(images, generator, max_rotation=0.0, max_shift=0.0, max_scale=0.0, elastic=1.0)
+    assert (bent - images).abs().amax(dim=(1, 2, 3)).min() > 0.5  # every image changed
+    # Strokes stretch here and shrink there, but no ink goes missing or appears on the whole.
+    ink, bent_ink = ((x - images.min()).sum() for x in (images, bent))
+    assert bent_ink.item() == pytest.approx(ink.item(), rel=0.1)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import adder_utils as au  # noqa: E402
 LOGS = REPO / "training_logs" / "tuning"
 RECIPE = au.settings_from_env(au.RECIPE)
 # Settings added after some logs were written, with the value those logs trained with.
-SETTINGS_ADDED_LATER = {"MAX_SCALE": 0.0}
+SETTINGS_ADDED_LATER = {"MAX_SCALE": 0.0, "ELASTIC": 0.0}
 # Settings that do not change what tune.py trains: it scores both ways (the "+tta" rows).
 NOT_TRAINED = {"TEST_TIME_SHIFTS"}
 

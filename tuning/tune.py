@@ -113,7 +113,7 @@ def main():
         batches = au.random_batches(images, digits, recipe["BATCH_SIZE"], generator, au.pair_mask(held_out_pairs))
         for batch_index, (batch_images, addends, batch_digits, sums) in enumerate(batches):
             batch_images = au.augment(batch_images, generator, recipe["MAX_ROTATION"], recipe["MAX_SHIFT"],
-                                       recipe["MAX_SCALE"])
+                                       recipe["MAX_SCALE"], recipe["ELASTIC"])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
                 digit_logits, sum_logits = model(batch_images, addends)
                 loss = digit_criterion(digit_logits, batch_digits) + F.cross_entropy(sum_logits, sums)
