@@ -117,7 +117,7 @@ def choose_device(allow_cpu: bool) -> torch.device:
 def supports_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 natively: an NVIDIA GPU from Ampere (compute capability
     8.0) on, or a CPU with AVX-512 BF16 or AMX. Elsewhere (a T4, say) bf16 is emulated, slow,
-    and not always supported by torch.compile, so training stays in fp32."""
+    and not always supported by torch.compile: ``autocast_dtype`` picks float16 on such a GPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
