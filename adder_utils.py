@@ -1262,6 +1262,12 @@ def shifted_views(batch: torch.Tensor):
     return [padded[..., dy : dy + size, dx : dx + size] for dy in range(3) for dx in range(3)]
 
 
+def digit_scores_over_shifts(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
+    """The digit scores that test-time shifts take the argmax of: the softmax of the digit
+    logits, summed over a normalised batch and its eight one-pixel shifts."""
+    return sum(model(view, addends)[0].float().softmax(dim=1) for view in shifted_views(batch))
+
+
 def answers(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor):
     """The model's (digit, sum) answers for a normalised batch. With ``model.test_time_shifts``
     the digit is the one most probable on average over the image and its eight one-pixel
@@ -1269,8 +1275,7 @@ def answers(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor):
     if not getattr(model, "test_time_shifts", False):
         digit_logits, sum_logits = model(batch, addends)
         return digit_logits.argmax(dim=1), sum_logits.argmax(dim=1)
-    probabilities = sum(model(view, addends)[0].float().softmax(dim=1) for view in shifted_views(batch))
-    digits = probabilities.argmax(dim=1)
+    digits = digit_scores_over_shifts(model, batch, addends).argmax(dim=1)
     return digits, model.sum_head(exact_codes(digits, addends)).argmax(dim=1)
 
 

@@ -153,10 +153,8 @@ def test_predict_on_cuda_agrees_with_the_cpu_on_the_committed_checkpoint(data_ro
         images = au.normalize_images(test_set.data)
         cpu_logits, _ = cpu_model(images, addends)
         cuda_logits, _ = cuda_model(images.to(DEVICE), addends.to(DEVICE))
-        # What predict takes the argmax of: the logits, or with test-time shifts the softmax
-        # summed over the shifted views.
-        scores = (sum(cpu_model(view, addends)[0].softmax(dim=1) for view in au.shifted_views(images))
-                  if cpu_model.test_time_shifts else cpu_logits)
+        # What predict takes the argmax of: the logits, or the test-time shifts' scores.
+        scores = au.digit_scores_over_shifts(cpu_model, images, addends) if cpu_model.test_time_shifts else cpu_logits
     top_two = scores.topk(2, dim=1).values
     gaps = (top_two[:, 0] - top_two[:, 1])[changed].tolist()
     largest = (cuda_logits.cpu() - cpu_logits).abs().max().item()
