@@ -8,10 +8,8 @@ The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook
 from __future__ import annotations
 
 import ast
-import concurrent.futures
 import json
 import math
-import multiprocessing
 import os
 import platform
 import tempfile
@@ -922,19 +920,24 @@ def pairs_needed_run(count: int, seed: int, head_name: str, steps: int) -> dict:
             "seen_acc": table_accuracy(table, allowed), "unseen_acc": table_accuracy(table, ~allowed)}
 
 
-def pairs_needed_study(held_out_counts, seeds, steps: int = 2000, processes: int | None = None) -> list[dict]:
+def pairs_needed_study(held_out_counts, seeds, steps: int = 2000) -> list[dict]:
     """For each count of held-out pairs, each seed and each kind of sum head, one
-    ``pairs_needed_run``: one row each. The runs are independent, so they run side by side in
-    ``processes`` worker processes (default: one per CPU core); each gives what it gives alone."""
-    jobs = [(count, seed, head_name, steps) for count in held_out_counts for seed in seeds for head_name in SUM_HEADS]
-    processes = min(processes or os.cpu_count() or 1, len(jobs))
-    if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [pairs_needed_run(*job) for job in jobs]
-    # Forked workers that run CPU work only, one thread each (a tiny model), as a DataLoader's
-    # workers do; CUDA stays unused there.
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(pairs_needed_run, *zip(*jobs)))
+    ``pairs_needed_run``: one row each.
+
+    The runs go one after another in this process, on the CPU, with one thread: a head this
+    small gains nothing from more, and the caller's thread count comes back afterwards. No
+    worker processes: once a process has run a backward pass with a GPU present, autograd has
+    started a thread per device, and a process forked from it cannot run a backward pass of its
+    own (PyTorch's wiki page "Autograd and Fork"). The notebook calls this after training on the
+    GPU; ``tests/test_adder_utils.py`` shows it on a CPU machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [pairs_needed_run(count, seed, head_name, steps)
+                for count in held_out_counts for seed in seeds for head_name in SUM_HEADS]
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------

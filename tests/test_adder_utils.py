@@ -9,6 +9,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -998,12 +1000,63 @@ def test_pairs_needed_study_rows():
         assert 0 <= row["seen_acc"] <= 100 and 0 <= row["unseen_acc"] <= 100
 
 
-def test_pairs_needed_study_side_by_side_gives_what_each_run_gives_alone():
+def test_pairs_needed_study_gives_each_run_alone_and_keeps_the_callers_threads():
     threads = torch.get_num_threads()
-    one_at_a_time = au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=1)
+    rows = au.pairs_needed_study([10, 70], seeds=[0], steps=60)
     assert torch.get_num_threads() == threads  # the caller's training keeps its threads
-    assert au.pairs_needed_study([10, 70], seeds=[0], steps=60, processes=2) == one_at_a_time
-    assert one_at_a_time[0] == au.pairs_needed_run(10, 0, "one-hot class head", 60)
+    assert rows[0] == au.pairs_needed_run(10, 0, "one-hot class head", 60)
+    assert rows[3] == au.pairs_needed_run(70, 0, "number-line head", 60)
+
+
+# Run in a fresh interpreter: the device guard it registers cannot be taken back.
+AFTER_GPU_BACKWARD = """
+import multiprocessing, sys, torch
+from torch.utils import backend_registration
+sys.path.insert(0, sys.argv[1])
+import adder_utils as au
+
+# An accelerator's device guard, as PyTorch's Python backend hooks register one (it reports
+# one device): from the first backward pass on, autograd keeps a thread for that device, as
+# it does for CUDA on a GPU machine.
+backend_registration._setup_privateuseone_for_python_backend()
+x = torch.ones(3, requires_grad=True)
+(2 * x).sum().backward()  # the notebook has trained on the GPU by the time the study runs
+
+
+def backward_in_child(queue):
+    try:
+        (3 * torch.ones(3, requires_grad=True)).sum().backward()
+        queue.put("ran")
+    except RuntimeError as error:
+        queue.put(str(error))
+
+
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+child = context.Process(target=backward_in_child, args=(queue,))
+child.start()
+print("forked child:", queue.get(timeout=60))
+child.join()
+rows = au.pairs_needed_study([10, 80], seeds=[0], steps=20)
+print("study rows:", len(rows))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.utils.backend_registration, "_setup_privateuseone_for_python_backend"),
+                    reason="this torch cannot register a Python device guard")
+def test_pairs_needed_study_runs_after_a_backward_pass_on_an_accelerator(tmp_path):
+    """On a GPU the notebook calls the study after training, and a process forked after a
+    backward pass on a GPU machine cannot run one (PyTorch's "Autograd and Fork"). A CPU
+    machine behaves the same once an accelerator's device guard is registered."""
+    script = tmp_path / "after_gpu_backward.py"
+    script.write_text(AFTER_GPU_BACKWARD)
+    result = subprocess.run([sys.executable, str(script), str(Path(au.__file__).parent)],
+                            capture_output=True, text=True, timeout=300)
+    # First that the stand-in behaves as a GPU machine does, else the study proves nothing.
+    assert "forked child: Unable to handle autograd's threading in combination with fork" in result.stdout, (
+        result.stdout + result.stderr)
+    assert result.returncode == 0, result.stderr
+    assert "study rows: 4" in result.stdout
 
 
 def test_summarize_runs():
