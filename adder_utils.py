@@ -127,9 +127,41 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     GradScaler keeps small gradients from underflowing); None (plain fp32) on other CPUs."""
     if supports_bf16(device):
         return torch.bfloat16
-    if device.type == "cuda":
+    if device.type == "cuda" and float16_training_works(device):
         return torch.float16
     return None
+
+
+def float16_training_works(device: torch.device) -> bool:
+    """Whether two training steps of a throwaway ``AdderNet`` run on ``device`` under float16
+    autocast with a ``GradScaler``, to a finite loss. Where they do not (an old torch, a GPU
+    without a kernel the step needs), it prints why and returns False, and training runs in
+    fp32: a user never loses a run to the 16-bit path. The random numbers it uses come from a
+    forked generator state, so the training runs after it draw what they would draw without it.
+    """
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            model = AdderNet().to(device)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            scaler = torch.amp.GradScaler(device.type)
+            images = torch.randn(16, 1, 28, 28, device=device)
+            digits = torch.arange(16, device=device) % NUM_DIGITS
+            addends = digits.flip(0)
+            for _ in range(2):
+                with torch.autocast(device.type, dtype=torch.float16):
+                    digit_logits, sum_logits = model(images, addends)
+                    loss = F.cross_entropy(digit_logits, digits) + F.cross_entropy(sum_logits, digits + addends)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss came out {float(loss)}")
+        return True
+    except Exception as error:  # whatever went wrong, fp32 still trains
+        print(f"float16 training does not work on this {device.type} ({type(error).__name__}: {error}); "
+              "training in fp32 instead.")
+        return False
 
 
 def environment_info(device: torch.device) -> dict:
@@ -511,14 +543,22 @@ def sgd_one_cycle(parameters, recipe: dict, total_steps: int, fused: bool = Fals
     updates all parameters in one kernel: what a step recorded as a CUDA graph needs. Loading a
     saved state (``optimizer.load_state_dict``) then copies the saved learning rate into that same
     tensor, instead of putting the saved tensor, loaded on the CPU, in its place: a recorded
-    graph keeps reading the tensor it was recorded with.
+    graph keeps reading the tensor it was recorded with. Where fused SGD with a tensor learning
+    rate is not available, it says so and returns the plain optimizer, which ``recorded_step``
+    then runs step by step.
     """
     parameters = list(parameters)
-    lr = recipe["MAX_LR"]
+    settings = {"momentum": recipe["MOMENTUM"], "nesterov": True, "weight_decay": recipe["WEIGHT_DECAY"]}
     if fused:
-        lr = torch.tensor(lr, device=parameters[0].device)
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=recipe["MOMENTUM"], nesterov=True,
-                                weight_decay=recipe["WEIGHT_DECAY"], fused=fused or None)
+        try:
+            optimizer = torch.optim.SGD(parameters, lr=torch.tensor(recipe["MAX_LR"], device=parameters[0].device),
+                                        fused=True, **settings)
+        except (RuntimeError, TypeError, ValueError) as error:  # a torch or device without it
+            print(f"fused SGD with the learning rate in a tensor is not available here ({type(error).__name__}: "
+                  f"{error}); using plain SGD, so the training step cannot be recorded as a CUDA graph.")
+            fused = False
+    if not fused:
+        optimizer = torch.optim.SGD(parameters, lr=recipe["MAX_LR"], **settings)
     if fused:
         device_lrs = [group["lr"] for group in optimizer.param_groups]
 
@@ -567,13 +607,24 @@ class CapturedStep:
         self.recorded_hyperparameters = self._python_hyperparameters()
         cuda = self.inputs[0].is_cuda
         saved = self._save_state(model, generators, scaler)
+        try:
+            self._warm_up_and_record(step, model, generators, scaler, saved, cuda, warmup_steps)
+        except BaseException:
+            # Training must go on from where it was, whichever way it goes on.
+            self._restore_state(model, generators, scaler, saved)
+            raise
+
+    def _warm_up_and_record(self, step, model, generators, scaler, saved, cuda, warmup_steps):
+        """The warm-up steps, undone, then (on a GPU) the recording."""
         if cuda:
             side_stream = torch.cuda.Stream()
             side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side_stream):  # as PyTorch's CUDA graph notes ask for warm-up
-                for _ in range(warmup_steps):
-                    step(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side_stream)
+            try:
+                with torch.cuda.stream(side_stream):  # as PyTorch's CUDA graph notes ask for warm-up
+                    for _ in range(warmup_steps):
+                        step(*self.inputs)
+            finally:
+                torch.cuda.current_stream().wait_stream(side_stream)
         else:
             for _ in range(warmup_steps):
                 step(*self.inputs)
@@ -600,7 +651,14 @@ class CapturedStep:
             return self.step(*batch)
         for static, new in zip(self.inputs, batch):
             static.copy_(new)
-        self.graph.replay()
+        try:
+            self.graph.replay()
+        except RuntimeError as error:
+            # Only an error that leaves the GPU usable can be trained past; another one will
+            # stop the plain step too, with the GPU's own message.
+            print(f"Replaying the recorded training step failed ({error}); training on step by step.")
+            self.graph = None
+            return self.step(*batch)
         return self.loss
 
     def _python_hyperparameters(self):
@@ -629,6 +687,27 @@ class CapturedStep:
             generator.set_state(state)
         if scaler is not None:
             scaler.load_state_dict(saved["scaler"])
+
+
+def recorded_step(step, example_batch, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  generators=(), scaler=None):
+    """``step`` recorded as a ``CapturedStep`` where that works, else ``step`` itself.
+
+    The notebook's loop calls what this returns. Recording needs the learning rate in a tensor
+    (``sgd_one_cycle(..., fused=True)``) and a torch and GPU that can record the step; where
+    either is missing or recording fails (an old torch without ``register_generator_state``, a
+    driver error), it prints why and returns the plain step, with the warm-up undone, so a user
+    never loses a run to the fast path.
+    """
+    if not all(isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups):
+        print("The learning rate is a Python number, which a CUDA graph would freeze: training step by step.")
+        return step
+    try:
+        return CapturedStep(step, example_batch, model, optimizer, generators, scaler)
+    except Exception as error:
+        print(f"Recording the training step as a CUDA graph failed ({type(error).__name__}: {error}); "
+              "training step by step instead.")
+        return step
 
 
 class EpochMeter:

@@ -713,8 +713,108 @@ def test_captured_step_with_float16_autocast_and_a_grad_scaler(test_images):
     assert any(not torch.equal(p, b) for p, b in zip(run.model.parameters(), before))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer step needed
+def test_sgd_one_cycle_falls_back_to_plain_sgd_where_fused_is_missing(monkeypatch, capsys):
+    """An older torch or device without fused SGD and a tensor learning rate: plain SGD, said so."""
+    real_sgd = torch.optim.SGD
+
+    def sgd_without_fused(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_sgd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", sgd_without_fused)
+    model = nn.Linear(3, 2)
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100, fused=True)
+    assert "using plain SGD" in capsys.readouterr().out
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["weight_decay"] == au.RECIPE["WEIGHT_DECAY"]
+    scheduler.step()  # the schedule drives it as usual
+
+
+def test_recorded_step_trains_step_by_step_when_recording_fails(test_images, capsys):
+    """A failure while warming up or recording (an old torch, a driver error): the plain step,
+    said so, and training goes on exactly from where it was."""
+    batches = mnist_batches(test_images, 3)
+    plain, fast = small_training(fused=True), small_training(fused=True)
+    calls = []
+
+    def step_failing_in_warm_up(*batch):
+        calls.append(1)
+        if len(calls) == 2:  # the second warm-up step: the first one has changed the weights
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return fast.step(*batch)
+
+    step = au.recorded_step(step_failing_in_warm_up, batches[0], fast.model, fast.optimizer,
+                            generators=[fast.generator])
+    assert step is step_failing_in_warm_up
+    assert "training step by step instead" in capsys.readouterr().out
+    for batch in batches:
+        assert float(step(*batch)) == float(plain.step(*batch))  # as if the warm-up never ran
+        plain.scheduler.step()
+        fast.scheduler.step()
+    assert all(torch.equal(value, plain.model.state_dict()[name]) for name, value in fast.model.state_dict().items())
+
+
+def test_recorded_step_needs_the_learning_rate_in_a_tensor(test_images, capsys):
+    batches = mnist_batches(test_images, 1)
+    run = small_training(fused=False)
+    assert au.recorded_step(run.step, batches[0], run.model, run.optimizer) is run.step
+    assert "learning rate is a Python number" in capsys.readouterr().out
+    fast = small_training(fused=True)
+    assert isinstance(au.recorded_step(fast.step, batches[0], fast.model, fast.optimizer), au.CapturedStep)
+
+
+def test_captured_step_trains_on_step_by_step_when_a_replay_fails(test_images, capsys):
+    """A GPU's replay, simulated on the CPU: when it raises, the same batch and every later one
+    take the plain step."""
+    batches = mnist_batches(test_images, 3)
+    plain, fast = small_training(fused=True), small_training(fused=True)
+    captured = au.CapturedStep(fast.step, batches[0], fast.model, fast.optimizer, generators=[fast.generator])
+
+    class FailingGraph:
+        def replay(self):
+            raise RuntimeError("CUDA error: an illegal instruction was encountered")
+
+    captured.graph = FailingGraph()
+    for batch in batches:
+        assert float(captured(*batch)) == float(plain.step(*batch))
+        plain.scheduler.step()
+        fast.scheduler.step()
+    assert captured.graph is None
+    assert capsys.readouterr().out.count("training on step by step") == 1
+
+
+def test_float16_training_works_on_the_cpu_and_leaves_the_random_numbers_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert au.float16_training_works(torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_autocast_dtype_falls_back_to_fp32_when_a_float16_step_fails(monkeypatch, capsys):
+    """Colab's T4 path, forced on the CPU: a float16 step that raises means fp32, said so."""
+    monkeypatch.setattr(au, "supports_bf16", lambda device: False)
+    real_forward = au.AdderNet.forward
+
+    def forward_without_float16(self, images, addends):
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16:
+            raise NotImplementedError("\"slow_conv2d_cpu\" not implemented for 'Half'")
+        return real_forward(self, images, addends)
+
+    monkeypatch.setattr(au.AdderNet, "forward", forward_without_float16)
+    assert not au.float16_training_works(torch.device("cpu"))
+    assert "training in fp32 instead" in capsys.readouterr().out
+    monkeypatch.setattr(au, "float16_training_works", lambda device: False)
+    assert au.autocast_dtype(torch.device("cuda")) is None
+    monkeypatch.setattr(au, "float16_training_works", lambda device: True)
+    assert au.autocast_dtype(torch.device("cuda")) == torch.float16
+
+
 def test_autocast_dtype_bf16_where_native_fp16_on_older_gpus(monkeypatch):
     monkeypatch.setattr(au, "supports_bf16", lambda device: False)
+    monkeypatch.setattr(au, "float16_training_works", lambda device: True)
     assert au.autocast_dtype(torch.device("cuda")) == torch.float16
     assert au.autocast_dtype(torch.device("cpu")) is None
     monkeypatch.setattr(au, "supports_bf16", lambda device: True)
