@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -632,8 +633,13 @@ class CapturedStep:
         self.graph = None
         if cuda:
             self.graph = torch.cuda.CUDAGraph()
-            for generator in generators:
-                self.graph.register_generator_state(generator)
+            # Up to torch 2.13 a graph must be told of each generator it draws from; from 2.14
+            # on it finds them itself, and the method is deprecated (and may go).
+            register = getattr(self.graph, "register_generator_state", None)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*register_generator_state.*")
+                for generator in generators if register else ():
+                    register(generator)
             with torch.cuda.graph(self.graph):
                 self.loss = step(*self.inputs)
 
