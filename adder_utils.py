@@ -1097,6 +1097,8 @@ def plot_own_digit(image, mnist_image, probabilities, addend: int, digit: int, t
 
     figure, (given_axis, read_axis, probability_axis) = plt.subplots(
         1, 3, figsize=(10, 3.3), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGBA")  # a palette, 1-bit or 16-bit picture, as it looks
     pixels = np.asarray(image)
     given_axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
     given_axis.set_title(f"as given ({pixels.shape[1]}x{pixels.shape[0]})")
@@ -1110,7 +1112,7 @@ def plot_own_digit(image, mnist_image, probabilities, addend: int, digit: int, t
     probability_axis.bar(range(NUM_DIGITS), probabilities, color=colours)
     probability_axis.set(xticks=range(NUM_DIGITS), ylim=(0, 1), xlabel="digit", ylabel="probability",
                          title="the digit's probabilities")
-    figure.suptitle(f"{digit} + {addend} = {total}")
+    figure.suptitle(f"{digit} + {addend} = {total}", fontsize=14)
     figure.tight_layout()
     return figure
 
