@@ -48,12 +48,12 @@ def measure() -> dict:
     formatted = torch.stack([au.to_mnist_format(image) for image in ink])
     read = {"to_mnist_format": au.predict(model, formatted, 0)[0], "naive_resize": au.predict(model, naive_resize(ink), 0)[0]}
     return {
-        "dataset": "UCI Optical Recognition of Handwritten Digits, test set (scikit-learn load_digits)",
+        "dataset": "the test set of UCI's Optical Recognition of Handwritten Digits, as scikit-learn's load_digits ships it",
         "writers": 13,
         "writers_note": "UCI's description: 43 people filled in the forms, 30 for its training set and 13 others "
                         "for this test set; a data set of its own, separate from MNIST",
         "images": len(truth),
-        "image_format": "8x8, ink counts 0-16 in 4x4 blocks of a 32x32 bitmap, light on dark",
+        "image_format": "8x8 images whose pixels count the ink (0-16) in 4x4 blocks of a 32x32 bitmap, light on dark",
         "checkpoint": "training_logs/model.pt",
         "digit_accuracy_percent": {name: round(100 * float((answers == truth).float().mean()), 2)
                                    for name, answers in read.items()},
