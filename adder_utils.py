@@ -1427,9 +1427,10 @@ def to_mnist_format(image, dark_on_light: bool | None = None) -> torch.Tensor:
     paper; None detects it from the image's border, which is paper. The contrast is stretched,
     so a faint pencil stroke comes out as full ink, and a thick marker as a thick stroke.
 
-    One digit only: a picture of several digits would be squeezed into one box and misread,
-    so cut each digit out first. A blank image (no ink that stands out from the paper) raises
-    ValueError rather than guessing.
+    One digit on a plain background only: a picture of several digits would be squeezed into
+    one box and misread, so cut each digit out first; shadows or paper texture stronger than a
+    tenth of the ink's contrast count as ink, so crop them away or light the page evenly. A
+    blank image (no ink that stands out from the paper) raises ValueError rather than guessing.
     """
     grey, alpha = _grey_levels(image)
     if alpha is not None and alpha.min() < alpha.max():
@@ -1486,7 +1487,8 @@ def digit_probabilities(model: nn.Module, images) -> torch.Tensor:
     model.eval()
     try:
         if getattr(model, "test_time_shifts", False):
-            return (digit_scores_over_shifts(model, batch, no_addends) / 9).cpu()
+            scores = digit_scores_over_shifts(model, batch, no_addends)  # a sum of nine softmaxes
+            return (scores / scores.sum(dim=1, keepdim=True)).cpu()
         return model(batch, no_addends)[0].float().softmax(dim=1).cpu()
     finally:
         model.train(was_training)
