@@ -1475,12 +1475,13 @@ def to_mnist_format(image, dark_on_light: bool | None = None) -> torch.Tensor:
     paper = (1 - border if dark_on_light else border).median()
     contrast = ink.max() - paper
     if contrast < MIN_CONTRAST:
+        looked_for = "dark digit on a light background" if dark_on_light else "light digit on a dark background"
+        # Only where the picture has ink of some kind can the other polarity find it.
+        other_way = ("" if grey.max() - grey.min() < MIN_CONTRAST else
+                     f"; if the digit is the other way round, pass dark_on_light={not dark_on_light}")
         raise ValueError(
             "no digit found: the image is blank (its ink differs from the paper by "
-            f"{max(float(contrast), 0.0):.1%} of the full range). Give an image of one "
-            + ("dark digit on a light background" if dark_on_light else "light digit on a dark background")
-            + "; if the digit is the other way round, pass dark_on_light="
-            + ("False" if dark_on_light else "True")
+            f"{max(float(contrast), 0.0):.1%} of the full range). Give an image of one {looked_for}{other_way}"
         )
     ink = ((ink - paper) / contrast).clamp(0, 1)
     ink = torch.where(ink > PAPER_NOISE, ink, 0.0)

@@ -73,7 +73,6 @@ def main():
         import sklearn  # noqa: F401
     except ImportError:
         sys.exit("This script reads scikit-learn's digits: pip install scikit-learn")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     result = measure()
     au.write_json(RESULT, result)
     accuracy = result["digit_accuracy_percent"]
