@@ -1,6 +1,7 @@
 """Reusable parts of the MNIST Adder notebook, in the order the notebook meets them.
 
-setup -> data -> model -> training helpers -> evaluation -> plotting -> checkpoints and inference.
+setup -> data -> model -> training helpers -> evaluation -> plotting -> checkpoints and inference
+(with your own digit brought to MNIST's format).
 
 The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook teaches.
 """
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional
+from PIL import Image, ImageDraw
 from torch import nn
 
 # --------------------------------------------------------------------------------------
@@ -1172,6 +1175,33 @@ def plot_confusion_matrix(matrix):
     return figure
 
 
+def plot_own_digit(image, mnist_image, probabilities, addend: int, digit: int, total: int):
+    """Your own digit read: the image as given, the 28x28 image the network reads (light on
+    black, as MNIST), and the ten digit probabilities, titled 'digit + addend = sum'."""
+    import matplotlib.pyplot as plt
+
+    figure, (given_axis, read_axis, probability_axis) = plt.subplots(
+        1, 3, figsize=(10, 3.3), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGBA")  # a palette, 1-bit or 16-bit picture, as it looks
+    pixels = np.asarray(image)
+    given_axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+    given_axis.set_title(f"as given ({pixels.shape[1]}x{pixels.shape[0]})")
+    read_axis.imshow(np.asarray(mnist_image), cmap="gray", vmin=0, vmax=255)
+    read_axis.set_title("as the network reads it (28x28)")
+    for axis in (given_axis, read_axis):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    probabilities = np.asarray(probabilities, dtype=float)
+    colours = ["tab:blue" if value == digit else "lightgrey" for value in range(NUM_DIGITS)]
+    probability_axis.bar(range(NUM_DIGITS), probabilities, color=colours)
+    probability_axis.set(xticks=range(NUM_DIGITS), ylim=(0, 1), xlabel="digit", ylabel="probability",
+                         title="the digit's probabilities")
+    figure.suptitle(f"{digit} + {addend} = {total}", fontsize=14)
+    figure.tight_layout()
+    return figure
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoints and inference
 # --------------------------------------------------------------------------------------
@@ -1265,6 +1295,13 @@ def load_training_state(path) -> dict:
     return contents
 
 
+# What predict's shape errors say, since most wrong shapes are photos, scans and drawings.
+TO_MNIST_FORMAT_HINT = (
+    "predict reads MNIST's format (a light digit on black, size-normalised and centred); "
+    "au.to_mnist_format(image) brings another image of one digit (a photo, a scan, a drawing) to it"
+)
+
+
 def _as_image_batch(images) -> torch.Tensor:
     """Check raw images and return them as a float (N, 1, 28, 28) tensor in [0, 1]."""
     if isinstance(images, np.ndarray):
@@ -1284,11 +1321,13 @@ def _as_image_batch(images) -> torch.Tensor:
         if images.shape[1] != 1:
             raise ValueError(
                 f"images must have one (grey) channel, got {images.shape[1]} channels in shape "
-                f"{tuple(images.shape)}"
+                f"{tuple(images.shape)}. {TO_MNIST_FORMAT_HINT}"
             )
         images = images.squeeze(1)
     if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise ValueError(f"images must be 28x28, Nx28x28 or Nx1x28x28, got shape {given_shape}")
+        raise ValueError(
+            f"images must be 28x28, Nx28x28 or Nx1x28x28, got shape {given_shape}. {TO_MNIST_FORMAT_HINT}"
+        )
     if len(images) == 0:
         raise ValueError("images is empty")
     if images.is_floating_point():
@@ -1391,6 +1430,201 @@ def predict(model: nn.Module, images, addends, batch_size: int = 10_000):
     finally:
         model.train(was_training)
     return torch.cat(digit_batches), torch.cat(sum_batches)
+
+
+# Your own digit --------------------------------------------------------------------------
+
+# MNIST's format, as LeCun, Cortes and Burges made it from NIST's binary digits: the digit's
+# bounding box scaled to fit a 20x20 box, aspect ratio kept, with the grey levels that
+# anti-aliasing gives, then placed in a 28x28 field with its centre of mass at the centre.
+MNIST_BOX = 20
+MNIST_FIELD = 28
+# Levels within this share of the ink's contrast count as paper: scanner and camera noise, and
+# the faintest anti-aliased edge, would otherwise stretch the digit's bounding box.
+PAPER_NOISE = 0.1
+# Less contrast than this (of the full 0-255 range) between ink and paper is no digit at all.
+MIN_CONTRAST = 0.05
+# MNIST's strokes, in pixels of the 20x20 box, as stroke_width measures them on 1,000 training
+# digits enlarged tenfold: 1.9 the median, 1.2 the thinnest twentieth. A pen on a big picture
+# draws far thinner strokes, which the network misreads (a fifth of 300 MNIST test digits thinned
+# to 0.5 pixel are), so strokes thinner than MNIST's thinnest are thickened to its median.
+MNIST_STROKE = 1.9
+THIN_STROKE = 1.2
+
+
+def _grey_levels(image) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One image as PIL, numpy (H, W[, C]) or torch ([C,] H, W) -> float grey (H, W) in [0, 1],
+    and its alpha (H, W) in [0, 1] or None."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16"):
+            image = image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "RGB")
+        image = np.array(image)
+    if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise TypeError(f"image must hold numbers, got a numpy array of {image.dtype}")
+        if np.issubdtype(image.dtype, np.unsignedinteger) and image.dtype != np.uint8:
+            image = image.astype(np.int64)  # torch has few operations on uint16 and wider
+        # numpy holds colour last, as np.asarray(a PIL image) gives it; torch holds it first.
+        pixels = torch.from_numpy(np.array(image))  # a copy: np.asarray of a PIL image is read-only
+        if pixels.ndim == 3:
+            pixels = pixels.permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        pixels = image.detach().cpu()
+    else:
+        raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+    if pixels.is_complex():
+        raise TypeError(f"image must hold real numbers, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.ndim != 3 or pixels.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"image must be one image: H x W, or with 1-4 channels (grey, grey + alpha, RGB, RGBA), "
+            f"H x W x C in numpy or C x H x W in torch; got shape {tuple(image.shape)}"
+        )
+    if pixels.shape[1] == 0 or pixels.shape[2] == 0:
+        raise ValueError(f"image is empty: shape {tuple(image.shape)}")
+    if pixels.dtype == torch.bool:
+        pixels = pixels.float()
+    elif pixels.is_floating_point():
+        pixels = pixels.float()
+        if not torch.isfinite(pixels).all():
+            raise ValueError("image contains NaN or infinite values")
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"float images must lie in [0, 1], got values from {float(pixels.min()):.3g} "
+                             f"to {float(pixels.max()):.3g}; pass uint8 pixels 0-255 or divide by 255")
+    else:
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError("integer images must be pixels 0-255 (or 0-65535 for 16 bits)")
+        pixels = pixels.float() / (255.0 if pixels.max() <= 255 else 65535.0)
+    colour, alpha = (pixels[:-1], pixels[-1]) if pixels.shape[0] in (2, 4) else (pixels, None)
+    if len(colour) == 3:
+        colour = torchvision.transforms.v2.functional.rgb_to_grayscale(colour)
+    return colour[0], alpha
+
+
+def stroke_width(ink: torch.Tensor) -> float:
+    """The mean width, in pixels, of the strokes in an (H, W) ink image: a stroke of width w and
+    length L covers w * L pixels, of which 2 * L lie on its edge."""
+    mask = (ink > 0.5).float()[None]
+    inside = -F.max_pool2d(-F.pad(mask, (1, 1, 1, 1)), 3, stride=1)  # pixels with no paper beside them
+    edge = (mask - inside).sum()
+    return float(2 * mask.sum() / edge.clamp(min=1))
+
+
+def _thicken(digit: torch.Tensor, scale: float) -> torch.Tensor:
+    """A digit (H, W) of thin strokes, to be scaled by ``scale`` into the 20x20 box, with its
+    strokes grown to MNIST's width. The growing happens at five times the box's size: big
+    enough for a thin stroke to stay a line, small enough to be quick for a phone's photo."""
+    working_scale = 5
+    size = [max(1, round(side * scale * working_scale)) for side in digit.shape]
+    digit = torchvision.transforms.v2.functional.resize(digit[None], size, antialias=True).clamp(0, 1)
+    digit = digit / digit.max()
+    growth = MNIST_STROKE * working_scale - stroke_width(digit[0])
+    kernel = 2 * max(1, round(growth / 2)) + 1  # a max-pool grows a stroke by kernel - 1
+    margin = kernel // 2
+    return F.max_pool2d(F.pad(digit, (margin, margin, margin, margin)), kernel, stride=1)[0]
+
+
+def to_mnist_format(image, dark_on_light: bool | None = None) -> torch.Tensor:
+    """One image of one digit -> the (28, 28) uint8 tensor ``predict`` reads, made the way MNIST
+    was made: the digit's bounding box scaled to fit 20x20 (aspect ratio kept, anti-aliased),
+    then placed in a 28x28 field with its centre of mass at the centre.
+
+    Why: the network learned MNIST's digits, light on black, all of one size and centred. A
+    photo, a scan or a drawing differs in all of these, and squeezing it whole to 28x28 leaves
+    a small, off-centre, dark-on-light digit that the network misreads.
+
+    ``image``: a PIL image, a numpy array (H x W, or H x W x C as ``np.asarray`` of a PIL image
+    gives) or a torch tensor (H x W or C x H x W, as torchvision gives); grey, grey + alpha, RGB
+    or RGBA; uint8, 16-bit or float in [0, 1]; any size. Transparent pixels (a drawing on a
+    transparent canvas) count as paper. ``dark_on_light``: whether the ink is darker than the
+    paper; None detects it from the image's border, which is paper. The contrast is stretched,
+    so a faint pencil stroke comes out as full ink; a thick marker stays a thick stroke, and a
+    pen's stroke, far thinner than MNIST's once the digit is scaled down, is thickened to
+    MNIST's usual width (the one step MNIST did not need: its digits were drawn to size).
+
+    One digit on a plain background only: a picture of several digits would be squeezed into
+    one box and misread, so cut each digit out first; shadows or paper texture stronger than a
+    tenth of the ink's contrast count as ink, so crop them away or light the page evenly. A
+    blank image (no ink that stands out from the paper) raises ValueError rather than guessing.
+    """
+    grey, alpha = _grey_levels(image)
+    if alpha is not None and alpha.min() < alpha.max():
+        # Drawn on a transparent layer: the ink is where alpha is; lay it on a paper that contrasts.
+        ink_level = float((grey * alpha).sum() / alpha.sum())
+        grey = alpha * grey + (1 - alpha) * (1.0 if ink_level < 0.5 else 0.0)
+    border = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if dark_on_light is None:
+        dark_on_light = bool(border.median() > (grey.min() + grey.max()) / 2)
+    ink = 1 - grey if dark_on_light else grey
+    paper = (1 - border if dark_on_light else border).median()
+    contrast = ink.max() - paper
+    if contrast < MIN_CONTRAST:
+        looked_for = "dark digit on a light background" if dark_on_light else "light digit on a dark background"
+        # Only where the picture has ink of some kind can the other polarity find it.
+        other_way = ("" if grey.max() - grey.min() < MIN_CONTRAST else
+                     f"; if the digit is the other way round, pass dark_on_light={not dark_on_light}")
+        raise ValueError(
+            "no digit found: the image is blank (its ink differs from the paper by "
+            f"{max(float(contrast), 0.0):.1%} of the full range). Give an image of one {looked_for}{other_way}"
+        )
+    ink = ((ink - paper) / contrast).clamp(0, 1)
+    ink = torch.where(ink > PAPER_NOISE, ink, 0.0)
+
+    rows, columns = ink.any(dim=1).nonzero()[:, 0], ink.any(dim=0).nonzero()[:, 0]
+    digit = ink[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    scale = MNIST_BOX / max(digit.shape)
+    if stroke_width(digit) * scale < THIN_STROKE:
+        digit = _thicken(digit, scale)
+        scale = MNIST_BOX / max(digit.shape)
+    size = [max(1, round(side * scale)) for side in digit.shape]
+    digit = torchvision.transforms.v2.functional.resize(digit[None], size, antialias=True)[0].clamp(0, 1)
+    # Resizing a thin stroke down greys it: its darkest point becomes full ink again, as in MNIST.
+    digit = digit / digit.max()
+
+    field = torch.zeros(MNIST_FIELD, MNIST_FIELD)
+    height, width = digit.shape
+    mass = digit / digit.sum()
+    centre_row = float((mass.sum(dim=1) * torch.arange(height)).sum())
+    centre_column = float((mass.sum(dim=0) * torch.arange(width)).sum())
+    middle = (MNIST_FIELD - 1) / 2
+    # Whole-pixel moves, as MNIST's: no resampling blurs the digit again. The box stays inside.
+    top = min(max(round(middle - centre_row), 0), MNIST_FIELD - height)
+    left = min(max(round(middle - centre_column), 0), MNIST_FIELD - width)
+    field[top : top + height, left : left + width] = digit
+    return (field * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def digit_probabilities(model: nn.Module, images) -> torch.Tensor:
+    """The ten digit probabilities behind ``predict``'s digit answers, (N, 10): with test-time
+    shifts their mean over the image and its eight one-pixel shifts, whose argmax it answers."""
+    pixels = _as_image_batch(images)
+    device = next(model.parameters()).device
+    batch = normalize_images(pixels.to(device))
+    no_addends = torch.zeros(len(batch), dtype=torch.long, device=device)  # the digit never reads them
+    was_training = model.training
+    model.eval()
+    try:
+        if getattr(model, "test_time_shifts", False):
+            scores = digit_scores_over_shifts(model, batch, no_addends)  # a sum of nine softmaxes
+            return (scores / scores.sum(dim=1, keepdim=True)).cpu()
+        return model(batch, no_addends)[0].float().softmax(dim=1).cpu()
+    finally:
+        model.train(was_training)
+
+
+def example_digit_image() -> Image.Image:
+    """A 7 drawn by this project (not from MNIST) as a user's photo or drawing might show one:
+    dark blue ink on white, large, off-centre, in a 240x320 RGB picture. The notebook reads it
+    when no image of your own is given."""
+    picture = Image.new("RGB", (320, 240), "white")
+    pen = ImageDraw.Draw(picture)
+    ink = (20, 30, 90)
+    pen.line([(40, 30), (150, 26), (165, 30)], fill=ink, width=14, joint="curve")  # the top bar
+    pen.line([(165, 30), (120, 120), (95, 205)], fill=ink, width=14, joint="curve")  # the stem
+    pen.line([(100, 110), (160, 108)], fill=ink, width=12)  # the crossbar many people write
+    return picture
 
 
 def write_json(path, data) -> None:

@@ -1276,6 +1276,21 @@ def test_plot_confusion_matrix(close_figures):
     assert three.get_position() == (9, 4)  # column = predicted, row = true
 
 
+def test_plot_own_digit_shows_the_image_what_the_network_reads_and_the_probabilities(close_figures):
+    probabilities = torch.full((10,), 0.02)
+    probabilities[7] = 0.82
+    image = au.example_digit_image()
+    mnist_image = au.to_mnist_format(image)
+    figure = au.plot_own_digit(image, mnist_image, probabilities, addend=3, digit=7, total=10)
+    given_axis, read_axis, probability_axis = figure.axes
+    assert figure._suptitle.get_text() == "7 + 3 = 10"
+    assert given_axis.images[0].get_array().shape == (240, 320, 3)  # the picture as given, in colour
+    assert np.array_equal(read_axis.images[0].get_array(), mnist_image.numpy())
+    bars = probability_axis.patches
+    assert [bar.get_height() for bar in bars] == pytest.approx(probabilities.tolist())
+    assert [bar.get_facecolor() == to_rgba("tab:blue") for bar in bars] == [d == 7 for d in range(10)]
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoints and inference
 # --------------------------------------------------------------------------------------
@@ -1657,10 +1672,10 @@ def bad_images():
     nan_images = torch.zeros(2, 28, 28)
     nan_images[1, 3, 3] = float("nan")
     return [
-        ("32x32", torch.zeros(32, 32, dtype=torch.uint8), ValueError, r"28x28.*got shape \(32, 32\)$"),
-        ("27x28", torch.zeros(27, 28, dtype=torch.uint8), ValueError, r"28x28.*got shape \(27, 28\)$"),
+        ("32x32", torch.zeros(32, 32, dtype=torch.uint8), ValueError, r"28x28.*got shape \(32, 32\)\. .*au\.to_mnist_format"),
+        ("27x28", torch.zeros(27, 28, dtype=torch.uint8), ValueError, r"28x28.*got shape \(27, 28\)\. .*au\.to_mnist_format"),
         ("Nx27x28", torch.zeros(2, 27, 28, dtype=torch.uint8), ValueError, r"28x28.*\(2, 27, 28\)"),
-        ("3 channels", torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, "one \\(grey\\) channel, got 3"),
+        ("3 channels", torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, r"one \(grey\) channel, got 3.*au\.to_mnist_format"),
         ("flat", torch.zeros(784, dtype=torch.uint8), ValueError, "28x28"),
         ("5-D", good[None, :, None], ValueError, "28x28"),
         ("empty", torch.zeros(0, 28, 28, dtype=torch.uint8), ValueError, "empty"),
@@ -1680,3 +1695,259 @@ def bad_images():
 def test_predict_rejects_bad_images(model, name, images, error, pattern):
     with pytest.raises(error, match=pattern):
         au.predict(model, images, 1)
+
+
+def test_predict_given_a_photo_points_to_to_mnist_format_which_makes_it_readable(model):
+    photo = np.array(au.example_digit_image())  # 240x320 RGB
+    with pytest.raises(ValueError, match=r"got shape \(240, 320, 3\)\. .*au\.to_mnist_format\(image\) brings"):
+        au.predict(model, photo, 3)
+    digits, sums = au.predict(model, au.to_mnist_format(photo), 3)
+    assert digits.shape == sums.shape == (1,)
+
+
+# to_mnist_format: your own digit ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def committed_model():
+    """The committed main model, training_logs/model.pt, on the CPU."""
+    return au.load_checkpoint(Path(__file__).resolve().parents[1] / "training_logs" / "model.pt")
+
+
+def drawn_seven(size=(160, 200), box=(30, 20, 110, 180), width=12, ink=0, paper=255, mode="L"):
+    """A 7 drawn with PIL as a user might draw one: ``ink`` on ``paper`` in a ``size`` (width,
+    height) picture, within ``box`` (left, top, right, bottom), taller than wide."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new(mode, size, paper)
+    left, top, right, bottom = box
+    pen = ImageDraw.Draw(picture)
+    pen.line([(left, top), (right, top), (left + (right - left) // 3, bottom)], fill=ink, width=width, joint="curve")
+    return picture
+
+
+def ink_box(image: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the box around the nonzero pixels."""
+    rows, columns = image.any(dim=1).nonzero()[:, 0], image.any(dim=0).nonzero()[:, 0]
+    return int(rows[-1] - rows[0] + 1), int(columns[-1] - columns[0] + 1)
+
+
+def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
+    mass = image.float() / image.float().sum()
+    return float((mass.sum(dim=1) * torch.arange(28)).sum()), float((mass.sum(dim=0) * torch.arange(28)).sum())
+
+
+def assert_mnist_format(image: torch.Tensor):
+    """What predict reads, made as MNIST was: the digit's box fits 20x20 with its longer side
+    20, full ink somewhere, the centre of mass at the field's centre (13.5, 13.5) to half a pixel."""
+    assert image.dtype == torch.uint8 and image.shape == (28, 28)
+    height, width = ink_box(image)
+    assert max(height, width) in (19, 20) and min(height, width) <= 20
+    assert image.max() == 255
+    row, column = centre_of_mass(image)
+    assert abs(row - 13.5) <= 0.5 and abs(column - 13.5) <= 0.5
+
+
+def every_input_kind():
+    """The same dark-on-white 7 as each kind of input a user has."""
+    grey = drawn_seven()
+    pixels = np.asarray(grey)
+    rgb = drawn_seven(ink=(20, 30, 90), paper=(255, 255, 255), mode="RGB")
+    return {
+        "PIL grey": grey,
+        "PIL RGB": rgb,
+        "PIL RGBA, opaque": rgb.convert("RGBA"),
+        "PIL grey + alpha": grey.convert("LA"),
+        "PIL palette": rgb.convert("P"),
+        "PIL 1-bit": grey.convert("1"),
+        "PIL 16-bit": grey.convert("I;16"),
+        "numpy grey": pixels,
+        "numpy HxWx3": np.asarray(rgb),
+        "numpy float [0, 1]": pixels / 255.0,
+        "numpy int64": pixels.astype(np.int64),
+        "numpy bool": pixels > 127,
+        "torch grey": torch.from_numpy(pixels.copy()),
+        "torch 1xHxW": torch.from_numpy(pixels.copy())[None],
+        "torch 3xHxW": torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1),
+        "torch float": torch.from_numpy(pixels / 255.0).float(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(every_input_kind()))
+def test_to_mnist_format_takes_every_kind_of_image(kind):
+    reference = au.to_mnist_format(drawn_seven())
+    image = au.to_mnist_format(every_input_kind()[kind])
+    assert_mnist_format(image)
+    # The same drawing in any form gives (nearly) the same MNIST image.
+    assert (image.float() - reference.float()).abs().mean() < 8, kind
+
+
+def test_to_mnist_format_makes_a_tall_digit_20_high_and_keeps_its_aspect_ratio():
+    image = au.to_mnist_format(drawn_seven(box=(30, 20, 110, 180)))  # drawn 92 wide, 172 high
+    height, width = ink_box(image)
+    assert height == 20 and width == pytest.approx(20 * 92 / 172, abs=1.5)
+    wide = au.to_mnist_format(drawn_seven(size=(300, 120), box=(20, 30, 260, 90)))  # 252 wide, 72 high
+    height, width = ink_box(wide)
+    assert width == 20 and height == pytest.approx(20 * 72 / 252, abs=1.5)
+
+
+def test_to_mnist_format_reads_light_on_dark_and_dark_on_light_alike():
+    dark_on_light = au.to_mnist_format(drawn_seven(ink=0, paper=255))
+    light_on_dark = au.to_mnist_format(drawn_seven(ink=255, paper=0))
+    assert torch.equal(dark_on_light, light_on_dark)
+    assert_mnist_format(light_on_dark)
+
+
+def test_to_mnist_format_obeys_dark_on_light_when_given():
+    drawing = drawn_seven(ink=0, paper=255)
+    assert torch.equal(au.to_mnist_format(drawing, dark_on_light=True), au.to_mnist_format(drawing))
+    inverted = 255 - np.asarray(drawing)
+    assert torch.equal(au.to_mnist_format(inverted, dark_on_light=False), au.to_mnist_format(drawing))
+    # Told the other way round, it looks for light ink on the white paper, finds none, and says so.
+    with pytest.raises(ValueError, match="blank.*light digit on a dark background.*dark_on_light=True"):
+        au.to_mnist_format(drawing, dark_on_light=False)
+
+
+def test_to_mnist_format_a_drawing_on_a_transparent_canvas():
+    """A browser canvas or a PNG with no background: the strokes opaque, the rest transparent,
+    whatever colour the transparent pixels hold."""
+    alpha = np.asarray(drawn_seven(ink=255, paper=0))
+    for ink in (0, 255):  # black or white strokes
+        for hidden in (0, 255):  # the colour under the transparent pixels
+            rgba = np.zeros(alpha.shape + (4,), dtype=np.uint8)
+            rgba[..., :3] = np.where(alpha[..., None] > 0, ink, hidden)
+            rgba[..., 3] = alpha
+            image = au.to_mnist_format(rgba)
+            assert_mnist_format(image)
+            assert (image.float() - au.to_mnist_format(drawn_seven()).float()).abs().mean() < 8, (ink, hidden)
+
+
+@pytest.mark.parametrize("size, box", [
+    ((1000, 800), (600, 450, 900, 780)),  # a large photo, the digit in a corner
+    ((40, 30), (2, 3, 14, 26)),  # a small image, the digit at the left edge
+])
+def test_to_mnist_format_large_small_and_off_centre(size, box):
+    width = max(2, (box[3] - box[1]) // 12)
+    assert_mnist_format(au.to_mnist_format(drawn_seven(size=size, box=box, width=width)))
+
+
+def test_to_mnist_format_a_faint_pencil_stroke_comes_out_as_full_ink():
+    faint = au.to_mnist_format(drawn_seven(ink=215, paper=245))  # light grey on off-white
+    assert_mnist_format(faint)
+    assert (faint.float() - au.to_mnist_format(drawn_seven()).float()).abs().mean() < 8
+
+
+def test_to_mnist_format_a_thin_pen_and_a_thick_marker():
+    usual = au.to_mnist_format(drawn_seven())  # strokes about as wide as MNIST's, once scaled
+    thin = au.to_mnist_format(drawn_seven(size=(800, 1000), box=(150, 100, 550, 900), width=4))
+    thick = au.to_mnist_format(drawn_seven(width=40))
+    for image in (thin, thick):
+        assert_mnist_format(image)
+    # The pen's stroke, a tenth of a pixel once scaled, is thickened to MNIST's usual width;
+    # the marker's stays thick.
+    assert (thin > 127).sum() >= 0.7 * (usual > 127).sum()
+    assert (thick > 127).sum() > 2 * (usual > 127).sum()
+
+
+def test_stroke_width_of_bars():
+    bar = torch.zeros(100, 300)
+    bar[40:46, 50:250] = 1.0
+    assert au.stroke_width(bar) == pytest.approx(6, rel=0.1)
+    bar[30:50, 50:250] = 1.0
+    assert au.stroke_width(bar) == pytest.approx(20, rel=0.1)
+
+
+def test_to_mnist_format_reads_mnist_digits_written_with_a_thin_pen(committed_model, mnist_test):
+    """MNIST test digits enlarged tenfold and thinned to pen strokes of a few pixels (a fraction
+    of a pixel once scaled into the 20x20 box): thickened back to MNIST's width, the committed
+    model reads nearly all of them as before (without the thickening, 33 of these 40)."""
+    import torchvision.transforms.v2.functional as TF
+
+    originals = mnist_test.data[100:140]
+    big = TF.resize(originals[:, None].float() / 255, [280, 280], antialias=True)
+    pen = -F.max_pool2d(-big, 19, stride=1, padding=9)[:, 0]  # eroded by 9 pixels on each side
+    widths_in_the_box = torch.tensor([au.stroke_width(digit) * 20 / 200 for digit in pen])  # digits ~200 high
+    assert widths_in_the_box.median() < au.THIN_STROKE / 2
+    brought_back = torch.stack([au.to_mnist_format(1 - digit) for digit in pen])  # dark on white
+    read_before, _ = au.predict(committed_model, originals, 0)
+    read_after, _ = au.predict(committed_model, brought_back, 0)
+    assert int((read_after == read_before).sum()) >= 37  # of 40
+
+
+def test_to_mnist_format_ignores_faint_paper_noise():
+    """A grainy page around a small digit: the grain must not stretch the digit's box to the page."""
+    page = dict(size=(400, 400), box=(250, 40, 330, 200))
+    noisy = np.asarray(drawn_seven(ink=40, paper=230, **page)).astype(np.int64)
+    noisy += torch.randint(-10, 11, noisy.shape, generator=torch.Generator().manual_seed(0)).numpy()
+    image = au.to_mnist_format(noisy.clip(0, 255).astype(np.uint8))
+    assert_mnist_format(image)
+    assert (image.float() - au.to_mnist_format(drawn_seven(**page)).float()).abs().mean() < 8
+
+
+@pytest.mark.parametrize("name, image", [
+    ("white", np.full((50, 40), 255, dtype=np.uint8)),
+    ("black", torch.zeros(50, 40, dtype=torch.uint8)),
+    ("grey RGB", np.full((50, 40, 3), 128, dtype=np.uint8)),
+    ("almost uniform", np.full((50, 40), 200, dtype=np.uint8) + np.eye(50, 40, dtype=np.uint8) * 5),
+    ("fully transparent", np.zeros((50, 40, 4), dtype=np.uint8)),
+])
+def test_to_mnist_format_refuses_a_blank_image(name, image):
+    with pytest.raises(ValueError, match="no digit found: the image is blank") as failure:
+        au.to_mnist_format(image)
+    assert "dark_on_light" not in str(failure.value)  # no polarity finds ink in a one-level picture
+
+
+@pytest.mark.parametrize("image, error, pattern", [
+    (np.zeros((0, 40), dtype=np.uint8), ValueError, "empty"),
+    (torch.zeros(2, 3, 28, 28), ValueError, "one image"),
+    (np.zeros((28, 28, 5), dtype=np.uint8), ValueError, "1-4 channels"),
+    (np.full((28, 28), 300.0), ValueError, r"\[0, 1\]"),
+    (torch.full((28, 28), float("nan")), ValueError, "NaN"),
+    ([[0, 255], [255, 0]], TypeError, "list"),
+    ("digit.png", TypeError, "str"),
+])
+def test_to_mnist_format_refuses_what_is_not_one_image(image, error, pattern):
+    with pytest.raises(error, match=pattern):
+        au.to_mnist_format(image)
+
+
+def test_to_mnist_format_brings_big_shifted_dark_on_white_mnist_digits_back(committed_model, mnist_test):
+    """MNIST test digits made into a user's picture (dark on white, 200x200, off-centre on a
+    400x400 page) and brought back: the committed model reads (nearly) every one as before.
+    Squeezing the whole page to 28x28 instead leaves it about half of them (22 of 40)."""
+    import torchvision.transforms.v2.functional as TF
+
+    originals = mnist_test.data[100:140]
+    big = TF.resize(originals[:, None], [200, 200], antialias=True)[:, 0]
+    pages = torch.full((len(originals), 400, 400), 255, dtype=torch.uint8)
+    for index, digit in enumerate(big):
+        top, left = 10 + 4 * index, 190 - 4 * index  # from the top right to the bottom left
+        pages[index, top : top + 200, left : left + 200] = 255 - digit
+    brought_back = torch.stack([au.to_mnist_format(page) for page in pages])
+    read_before, _ = au.predict(committed_model, originals, 0)
+    read_after, _ = au.predict(committed_model, brought_back, 0)
+    assert int((read_after == read_before).sum()) >= 38  # of 40
+    for image in brought_back:
+        assert_mnist_format(image)
+
+
+def test_example_digit_image_is_a_large_off_centre_dark_seven_that_the_model_reads(committed_model):
+    picture = au.example_digit_image()
+    assert picture.mode == "RGB" and picture.size == (320, 240)
+    ink = torch.from_numpy(255 - np.asarray(picture.convert("L"))).float()
+    height, width = ink_box(ink > 127)
+    assert height > 150  # large: far from MNIST's 20 pixels
+    rows, columns = torch.nonzero(ink > 127, as_tuple=True)
+    assert abs(float(columns.float().mean()) - 160) > 40  # off-centre
+    assert au.predict(committed_model, au.to_mnist_format(picture), 3)[1].item() == 10  # 7 + 3
+
+
+def test_digit_probabilities_are_the_ones_behind_predicts_answers(briefly_trained_model, mnist_test):
+    model, images = briefly_trained_model, mnist_test.data[3000:3064]
+    for shifts in (False, True):
+        model.test_time_shifts = shifts
+        probabilities = au.digit_probabilities(model, images)
+        assert probabilities.shape == (64, 10)
+        assert torch.allclose(probabilities.sum(dim=1), torch.ones(64))
+        assert torch.equal(probabilities.argmax(dim=1), au.predict(model, images, 5)[0])
+    model.test_time_shifts = au.RECIPE["TEST_TIME_SHIFTS"]

@@ -249,3 +249,48 @@ def test_whole_notebook_resumed_after_a_disconnect_ends_like_an_uninterrupted_ru
     for row, expected in zip(logged, history):
         for key in ("loss", "digit_acc", "sum_acc", "joint_acc", "lr"):
             assert float(row[key]) == pytest.approx(expected[key], rel=1e-6), (row["epoch"], key)
+
+
+OWN_DIGIT_SECTION = "## 12. Your own digit"
+
+
+def run_own_digit_section(monkeypatch, own_digit=None):
+    """The section 'Your own digit' alone, with the committed model as the notebook's ``model``,
+    as nbval runs it: not in Colab, nobody to draw. Returns its namespace and what it printed."""
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    start = next(index for index, cell in enumerate(cells) if cell.source.startswith(OWN_DIGIT_SECTION))
+    assert start == len(cells) - 4, "the section is the notebook's last: a markdown cell and three code cells"
+    if own_digit is None:
+        monkeypatch.delenv("ADDER_OWN_DIGIT", raising=False)
+    else:
+        monkeypatch.setenv("ADDER_OWN_DIGIT", str(own_digit))
+    namespace = {"__name__": "__notebook__", "os": os, "plt": plt, "au": au,
+                 "model": au.load_checkpoint(REPO / "training_logs" / "model.pt")}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for index, cell in enumerate(cells[start:], start):
+            if cell.cell_type == "code":
+                exec(compile(cell.source, f"<notebook code cell {index}>", "exec"), namespace)
+    plt.close("all")
+    return namespace, printed.getvalue()
+
+
+def test_own_digit_section_reads_the_projects_example_without_waiting_for_input(monkeypatch):
+    namespace, printed = run_own_digit_section(monkeypatch)
+    assert "No picture given" in printed and "ADDER_OWN_DIGIT" in printed  # it says how to give one
+    assert printed.strip().endswith("7 + 3 = 10")
+    assert namespace["own_digit"].shape == (28, 28) and namespace["own_digit"].dtype == torch.uint8
+
+
+def test_own_digit_section_reads_the_picture_that_adder_own_digit_names(monkeypatch, tmp_path, data_root):
+    """A picture file: an MNIST test digit (a 2) enlarged, dark on white, off-centre, as a PNG."""
+    from PIL import Image
+
+    test_set = au.load_mnist(data_root, train=False, download=False)
+    digit, image = int(test_set.targets[1]), test_set.data[1]
+    page = Image.new("L", (400, 300), 255)
+    page.paste(Image.fromarray(255 - image.numpy()).resize((180, 180), Image.BILINEAR), (200, 20))
+    page.save(tmp_path / "digit.png")
+    _, printed = run_own_digit_section(monkeypatch, tmp_path / "digit.png")
+    assert "No picture given" not in printed
+    assert printed.strip() == f"{digit} + 3 = {digit + 3}"

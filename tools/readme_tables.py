@@ -37,7 +37,8 @@ def read_logs(logs: Path) -> dict:
         history = list(csv.DictReader(file))
     return {"record": read_json("run_record.json"), "metrics": read_json("test_metrics.json"),
             "seeds": read_json("seeds.json"), "held_out": read_json("held_out.json"),
-            "pairs_needed": read_json("pairs_needed.json"), "history": history}
+            "pairs_needed": read_json("pairs_needed.json"), "other_writers": read_json("other_writers.json"),
+            "history": history}
 
 
 def percent(value, digits=2):
@@ -156,12 +157,23 @@ def pairs_needed_table(logs) -> list[str]:
     return lines
 
 
+def other_writers_table(logs) -> list[str]:
+    result = logs["other_writers"]
+    accuracy = result["digit_accuracy_percent"]
+    return [f"On {result['images']:,} digits by {result['writers']} other writers ({result['dataset']}: "
+            f"{result['image_format']}), `{result['checkpoint']}` reads "
+            f"**{percent(accuracy['to_mnist_format'])}** right through `au.to_mnist_format`, and "
+            f"{percent(accuracy['naive_resize'])} with each whole image simply resized to 28x28. Measured on the CPU "
+            f"({result['cpu']}, torch {result['torch']}) by `tools/other_writers.py`; nothing was tuned on them."]
+
+
 TABLES = {
     "results": results_table,
     "seeds": seeds_table,
     "training-log": training_log_table,
     "held-out": held_out_table,
     "pairs-needed": pairs_needed_table,
+    "other-writers": other_writers_table,
 }
 
 
