@@ -1,7 +1,6 @@
 """The committed results: the checkpoints reproduce them, and the run record names the machine."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,16 +62,3 @@ def test_held_out_checkpoint_loads_knows_its_pairs_and_adds_them(test_set):
     image = test_set.data[(test_set.targets == digit).nonzero()[0, 0]]
     digits, sums = au.predict(model, image, addend)
     assert sums.tolist() == [digits.item() + addend]
-
-
-def test_other_writers_figures_are_what_the_script_measures_with_the_committed_model():
-    """training_logs/other_writers.json: the committed model on scikit-learn's digits, with and
-    without to_mnist_format, as tools/other_writers.py measures it (where scikit-learn is installed)."""
-    pytest.importorskip("sklearn", reason="tools/other_writers.py needs scikit-learn: pip install scikit-learn")
-    sys.path.insert(0, str(REPO / "tools"))
-    import other_writers
-
-    measured, logged = other_writers.measure(), read_json("other_writers.json")
-    for key in ("images", "writers", "digit_accuracy_percent", "digit_accuracy_by_digit_percent"):
-        assert measured[key] == logged[key], key
-    assert logged["digit_accuracy_percent"]["to_mnist_format"] > logged["digit_accuracy_percent"]["naive_resize"]

@@ -11,7 +11,8 @@ image whose pixels count the ink (0-16) in 4x4 blocks of a 32x32 bitmap, light o
 
 Every image is read by ``au.predict`` with ``training_logs/model.pt`` on the CPU in two ways:
 through ``au.to_mnist_format``, and naively, the whole image resized to 28x28. Nothing is tuned
-on these digits. The result goes to ``training_logs/other_writers.json``.
+on these digits. The result goes to ``tools/other_writers.json``, beside this script; rerun it
+whenever ``training_logs/model.pt`` changes.
 """
 
 import sys
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import adder_utils as au  # noqa: E402
 
 CHECKPOINT = REPO / "training_logs" / "model.pt"
-RESULT = REPO / "training_logs" / "other_writers.json"
+RESULT = Path(__file__).with_suffix(".json")  # beside this script: an evaluation, not a training run's log
 
 
 def naive_resize(ink: torch.Tensor) -> torch.Tensor:
