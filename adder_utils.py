@@ -479,6 +479,18 @@ class NumberLineSumHead(nn.Module):
 
     Why it finds the exact values with plain cross-entropy (a convex loss in its weights), and
     why the sharpness is fixed: the notebook's section 10.
+
+    The end sums 0 and 18 are different. Up to a term common to every sum, which the softmax
+    ignores, the logits are ``SHARPNESS * (2 z s - s**2)``, linear in ``z``, and the gradient of
+    the cross-entropy in ``z`` is proportional to the softmax's mean sum minus the target. For
+    a target 1 to 17 that mean reaches the target at one point, near ``z = target``: an optimum.
+    It never reaches 0 or 18, so a pair with sum 0 or 18 pushes ``z`` below 0 or past 18 for as
+    long as training runs (only weight decay slows it). Such a pair still reads right, but a
+    value held in place by it alone (0 + 0 as the only seen pair of digit 0, say) drifts, and
+    so do the unseen pairs that use that value. With many seen pairs other pairs hold every
+    value; at the limit, 19 seen pairs, the project keeps the seen sums interior
+    (``held_out_pairs(..., interior_sums=True)``, ``long_chain_pairs``), and trains the head
+    on the true digit (``AdderNet.forward``'s ``digits``).
     """
 
     SHARPNESS = 2.0  # k: neighbouring sums' logits differ by 2 when z sits on a sum
@@ -520,8 +532,9 @@ class AdderNet(nn.Module):
     the addend's one-hot vector, and places the pair on a number line (``NumberLineSumHead``).
     So the digit cannot depend on the addend, and the sum agrees with the digit once the head
     has learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
-    loss trains the sum head. ``test_time_shifts`` tells ``predict`` to read each digit from the
-    image and its eight one-pixel shifts; it changes nothing else.
+    loss trains the sum head. In training, ``forward`` may be given the true digits for the sum
+    head to read instead (see ``forward``). ``test_time_shifts`` tells ``predict`` to read each
+    digit from the image and its eight one-pixel shifts; it changes nothing else.
     """
 
     def __init__(self, stages=RECIPE["STAGES"], test_time_shifts: bool = RECIPE["TEST_TIME_SHIFTS"]):
