@@ -311,19 +311,31 @@ def pair_mask(held_out=()) -> torch.Tensor:
     return mask
 
 
-def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True, connected: bool = True) -> list[tuple[int, int]]:
+def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True, connected: bool = True,
+                   interior_sums: bool = False) -> list[tuple[int, int]]:
     """``count`` random (digit, addend) pairs to keep out of training, drawn with ``seed``.
 
     Every digit and every addend keeps at least one pair in training. With ``keep_every_sum``
     every sum 0-18 does too (so (0, 0) and (9, 9), its only pairs for 0 and 18, always stay
     in); with ``connected`` the pairs left in connect every digit and every addend
     (``seen_pairs_connect_every_value``), so that they fix the sum of every pair.
+
+    With ``interior_sums`` the pairs left in are ``interior_seen_pairs(100 - count, seed)``:
+    connected, and (0, 0) and (9, 9) always held out, which allows every count up to 81, where
+    19 seen pairs are just enough to connect the 20 values. At that limit the end sums cannot
+    be seen: a value held by 0 + 0 or 9 + 9 alone has no best place under cross-entropy
+    (``NumberLineSumHead`` says why) and drifts, so there the project keeps the seen sums
+    interior. Without it, pairs are drawn until they meet the conditions, as before.
     """
     largest = NUM_DIGITS * NUM_DIGITS - 2 * NUM_DIGITS + 1  # fewer seen pairs cannot connect 10 + 10 values
     if not 0 < count <= largest:
         raise ValueError(f"count must be 1 to {largest}, got {count}")
-    generator = torch.Generator().manual_seed(seed)
     pairs = [(digit, addend) for digit in range(NUM_DIGITS) for addend in range(NUM_DIGITS)]
+    if interior_sums:
+        if count < 2:
+            raise ValueError(f"with interior_sums, (0, 0) and (9, 9) are held out: count must be 2 to {largest}")
+        return sorted(set(pairs) - set(interior_seen_pairs(len(pairs) - count, seed)))
+    generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(pairs), generator=generator).tolist()
         held = sorted(pairs[index] for index in order[:count])
@@ -335,21 +347,56 @@ def held_out_pairs(count: int, seed: int, keep_every_sum: bool = True, connected
             return held
 
 
+def interior_seen_pairs(count: int, seed: int) -> list[tuple[int, int]]:
+    """``count`` (19 to 98) random (digit, addend) pairs that connect every digit and addend,
+    none of them 0 + 0 or 9 + 9: a random spanning tree of the 10 digits and 10 addends (the
+    pairs, other than those two, taken in a random order, each kept if it joins two groups not
+    yet joined), plus ``count - 19`` more of the pairs left, drawn with ``seed``."""
+    tree_size = 2 * NUM_DIGITS - 1
+    candidates = [(digit, addend) for digit in range(NUM_DIGITS) for addend in range(NUM_DIGITS)
+                  if 0 < digit + addend < NUM_SUMS - 1]
+    if not tree_size <= count <= len(candidates):
+        raise ValueError(f"count must be {tree_size} to {len(candidates)}, got {count}")
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+    group = list(range(2 * NUM_DIGITS))  # union-find: digits 0-9, addends 10-19
+    tree, others = [], []
+    for index in order:
+        digit, addend = candidates[index]
+        digit_root, addend_root = _root(group, digit), _root(group, NUM_DIGITS + addend)
+        if digit_root != addend_root:
+            group[digit_root] = addend_root
+            tree.append((digit, addend))
+        else:
+            others.append((digit, addend))
+    return sorted(tree + others[: count - tree_size])
+
+
+def long_chain_pairs() -> list[tuple[int, int]]:
+    """The long chain: 19 seen pairs, d + (d + 1 mod 10) for every digit d and d + (d + 2 mod 10)
+    for every digit but 9. They link the 20 values in one path, digit 9 - addend 0 - digit 8 -
+    addend 9 - digit 7 - ... - digit 1 - addend 2 - digit 0 - addend 1, whose sums run 9, 8, 17,
+    16, ..., 2, 1: every one interior. (9 + 1 would close the path into a circle.)"""
+    pairs = [(digit, (digit + 1) % NUM_DIGITS) for digit in range(NUM_DIGITS)]
+    pairs += [(digit, (digit + 2) % NUM_DIGITS) for digit in range(NUM_DIGITS - 1)]
+    return sorted(pairs)
+
+
+def _root(group: list[int], point: int) -> int:
+    """The representative of ``point``'s group in a union-find list (with path halving)."""
+    while group[point] != point:
+        group[point] = group[group[point]]
+        point = group[point]
+    return point
+
+
 def seen_pairs_connect_every_value(allowed: torch.Tensor) -> bool:
     """Whether the pairs ``allowed`` link the 10 digits and 10 addends into one group, each pair
     (d, a) a link between d and a. Only then do the seen pairs fix ``value(d) + value(a)`` for
     every pair (the notebook's "How few pairs are enough?" says why)."""
     group = list(range(2 * NUM_DIGITS))  # union-find: digits 0-9, addends 10-19
-
-    def root(point):
-        while group[point] != point:
-            group[point] = group[group[point]]
-            point = group[point]
-        return point
-
     for digit, addend in torch.nonzero(allowed).tolist():
-        group[root(digit)] = root(NUM_DIGITS + addend)
-    return len({root(point) for point in range(2 * NUM_DIGITS)}) == 1
+        group[_root(group, digit)] = _root(group, NUM_DIGITS + addend)
+    return len({_root(group, point) for point in range(2 * NUM_DIGITS)}) == 1
 
 
 def draw_addends(digits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -439,6 +486,19 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def convolutional_backbone(stages) -> nn.Sequential:
+    """Image (N, 1, 28, 28) -> features (N, last width): stages of 3x3 conv-BN-ReLU blocks of
+    the given widths, a 2x2 max-pool between stages, then global average pooling."""
+    layers, channels = [], 1
+    for index, stage in enumerate(stages):
+        if index:
+            layers.append(nn.MaxPool2d(2))
+        for width in stage:
+            layers.append(conv_bn_relu(channels, width))
+            channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 class NumberLineSumHead(nn.Module):
     """(digit code, addend code) -> 19 sum logits, through one learned point on a number line.
 
@@ -455,6 +515,18 @@ class NumberLineSumHead(nn.Module):
 
     Why it finds the exact values with plain cross-entropy (a convex loss in its weights), and
     why the sharpness is fixed: the notebook's section 10.
+
+    The end sums 0 and 18 are different. Up to a term common to every sum, which the softmax
+    ignores, the logits are ``SHARPNESS * (2 z s - s**2)``, linear in ``z``, and the gradient of
+    the cross-entropy in ``z`` is proportional to the softmax's mean sum minus the target. For
+    a target 1 to 17 that mean reaches the target at one point, near ``z = target``: an optimum.
+    It never reaches 0 or 18, so a pair with sum 0 or 18 pushes ``z`` below 0 or past 18 for as
+    long as training runs (only weight decay slows it). Such a pair still reads right, but a
+    value held in place by it alone (0 + 0 as the only seen pair of digit 0, say) drifts, and
+    so do the unseen pairs that use that value. With many seen pairs other pairs hold every
+    value; at the limit, 19 seen pairs, the project keeps the seen sums interior
+    (``held_out_pairs(..., interior_sums=True)``, ``long_chain_pairs``), and trains the head
+    on the true digit (``AdderNet.forward``'s ``digits``).
     """
 
     SHARPNESS = 2.0  # k: neighbouring sums' logits differ by 2 when z sits on a sum
@@ -496,35 +568,63 @@ class AdderNet(nn.Module):
     the addend's one-hot vector, and places the pair on a number line (``NumberLineSumHead``).
     So the digit cannot depend on the addend, and the sum agrees with the digit once the head
     has learned to add. An argmax has no gradient: the digit loss trains the backbone, the sum
-    loss trains the sum head. ``test_time_shifts`` tells ``predict`` to read each digit from the
-    image and its eight one-pixel shifts; it changes nothing else.
+    loss trains the sum head. In training, ``forward`` may be given the true digits for the sum
+    head to read instead (see ``forward``). ``test_time_shifts`` tells ``predict`` to read each
+    digit from the image and its eight one-pixel shifts; it changes nothing else.
     """
 
     def __init__(self, stages=RECIPE["STAGES"], test_time_shifts: bool = RECIPE["TEST_TIME_SHIFTS"]):
         super().__init__()
         self.stages = tuple(tuple(stage) for stage in stages)
         self.test_time_shifts = bool(test_time_shifts)
-        layers, channels = [], 1
-        for index, stage in enumerate(self.stages):
-            if index:
-                layers.append(nn.MaxPool2d(2))
-            for width in stage:
-                layers.append(conv_bn_relu(channels, width))
-                channels = width
-        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.digit_head = nn.Linear(channels, NUM_DIGITS)
+        self.backbone = convolutional_backbone(self.stages)
+        self.digit_head = nn.Linear(self.stages[-1][-1], NUM_DIGITS)
         self.sum_head = NumberLineSumHead()
 
     def config(self) -> dict:
         """What ``AdderNet(**config)`` needs to rebuild this model."""
         return {"stages": [list(stage) for stage in self.stages], "test_time_shifts": self.test_time_shifts}
 
-    def forward(self, images: torch.Tensor, addends: torch.Tensor):
+    def forward(self, images: torch.Tensor, addends: torch.Tensor, digits: torch.Tensor | None = None):
+        """``digits``, the true labels, in training only: the sum head then reads the true digit's
+        code instead of the network's answer. A misread training image would otherwise give the
+        head a pair whose target belongs to another digit; with few seen pairs such a pair is
+        mostly one never seen, which nothing in training counters, and it bends the learned
+        values. Without ``digits`` (evaluation, ``predict``) the head reads the network's answer.
+        """
         digit_logits = self.digit_head(self.backbone(images))
-        digit_code = F.one_hot(digit_logits.argmax(dim=1), NUM_DIGITS)
+        read = digit_logits.argmax(dim=1) if digits is None else digits
+        digit_code = F.one_hot(read, NUM_DIGITS)
         addend_code = F.one_hot(addends, NUM_DIGITS)
         sum_logits = self.sum_head(torch.cat([digit_code, addend_code], dim=1))
         return digit_logits, sum_logits
+
+
+class ConcatAdderNet(nn.Module):
+    """The usual design, kept only as a baseline to compare ``AdderNet`` with: the same backbone
+    and digit head, and the sum read by fully connected layers from the image features next to
+    the addend's one-hot code, ``concat(features, one_hot(addend)) -> Linear -> ReLU -> Linear(19)``.
+
+    One free logit per sum, as ``OneHotClassSumHead``: it can learn the pairs it sees, and
+    nothing in it makes it add a pair it never saw. The sum loss trains the backbone too. Same
+    call and outputs as ``AdderNet`` (``digits`` is accepted and ignored: no digit code to
+    replace), so the same training code, ``predict`` and ``pair_accuracy`` work; with
+    ``test_time_shifts`` ``predict`` averages its sum scores over the shifts as well.
+    """
+
+    def __init__(self, stages=RECIPE["STAGES"], test_time_shifts: bool = RECIPE["TEST_TIME_SHIFTS"], hidden: int = 16):
+        super().__init__()
+        self.stages = tuple(tuple(stage) for stage in stages)
+        self.test_time_shifts = bool(test_time_shifts)
+        self.backbone = convolutional_backbone(self.stages)
+        features = self.stages[-1][-1]
+        self.digit_head = nn.Linear(features, NUM_DIGITS)
+        self.sum_layers = nn.Sequential(nn.Linear(features + NUM_DIGITS, hidden), nn.ReLU(), nn.Linear(hidden, NUM_SUMS))
+
+    def forward(self, images: torch.Tensor, addends: torch.Tensor, digits: torch.Tensor | None = None):
+        features = self.backbone(images)
+        addend_code = F.one_hot(addends, NUM_DIGITS).to(features.dtype)
+        return self.digit_head(features), self.sum_layers(torch.cat([features, addend_code], dim=1))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1403,6 +1503,9 @@ def answers(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor):
         digit_logits, sum_logits = model(batch, addends)
         return digit_logits.argmax(dim=1), sum_logits.argmax(dim=1)
     digits = digit_scores_over_shifts(model, batch, addends).argmax(dim=1)
+    if isinstance(model, ConcatAdderNet):  # its sum is read from the image too: over the same views
+        sum_scores = sum(model(view, addends)[1].float().softmax(dim=1) for view in shifted_views(batch))
+        return digits, sum_scores.argmax(dim=1)
     return digits, model.sum_head(exact_codes(digits, addends)).argmax(dim=1)
 
 

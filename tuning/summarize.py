@@ -42,15 +42,31 @@ def read_log(path):
     planned = re.search(r"(?:epochs|EPOCHS)=(\d+)", settings)
     if not epochs or int(epochs[-1].group(1)) != int(planned.group(1)):
         return None  # unfinished
-    unseen = next((line for line in lines if line.startswith("result unseen pairs:")), None)
-    if unseen:  # a --held-out run: what matters is the pairs it never saw
-        return name, int(seed), int(parameters), settings, {"unseen": unseen.removeprefix("result unseen pairs: ")}
+    if any(line.startswith("result unseen pairs:") for line in lines):
+        # A run that never saw some pairs (--held-out, --seen-set): what matters is those pairs.
+        return name, int(seed), int(parameters), settings, held_out_results(lines)
     results = {name: float(epochs[-1].group(2))}
     for line in lines:
         extra = re.match(r"result (\S+) val digit ([\d.]+)", line)
         if extra and extra.group(1) != "plain":
             results[f"{name} +{extra.group(1).removeprefix('plain+')}"] = float(extra.group(2))
     return name, int(seed), int(parameters), settings, results
+
+
+def held_out_results(lines):
+    """A held-out run's final validation digit and sum accuracy, its sum accuracy given a correct
+    digit on the unseen and the seen pairs (with how many validation pairs), and its training
+    seconds (the epochs' sum)."""
+    final = re.search(r"val digit ([\d.]+) sum ([\d.]+) .* ([\d.]+)s$",
+                      [line for line in lines if line.startswith("epoch")][-1])
+    results = {"digit": final.group(1), "sum": final.group(2),
+               "seconds": sum(float(re.search(r"([\d.]+)s$", line).group(1))
+                              for line in lines if line.startswith("epoch"))}
+    for which in ("unseen", "seen"):
+        pairs = next((re.search(r"(\d+) validation pairs, sum given a correct digit ([\d.]+)", line)
+                      for line in lines if line.startswith(f"result {which} pairs:")), None)
+        results[which] = f"{pairs.group(2)} ({int(pairs.group(1)):,})" if pairs else ""
+    return results
 
 
 def changed_settings(settings: str) -> str:
@@ -75,7 +91,9 @@ def main():
             continue
         name, seed, parameters, settings, results = log
         if "unseen" in results:
-            held_out_rows.append(f"| {name} | {seed} | {changed_settings(settings)} | {results['unseen']} |")
+            held_out_rows.append(f"| {name} | {seed} | {parameters:,} | {changed_settings(settings)} | "
+                                 f"{results['digit']} | {results['sum']} | {results['unseen']} | "
+                                 f"{results['seen']} | {results['seconds']:.0f} |")
             continue
         for candidate, accuracy in results.items():
             runs[candidate][seed] = accuracy
@@ -109,9 +127,15 @@ def main():
         f"is never loaded. The recipe here is {recipe}.\n\n" + "\n".join(rows) + "\n"
     )
     if held_out_rows:
-        text += ("\nRuns that never saw the recipe's held-out pairs (`tune.py --held-out`), scored on the "
-                 "validation images of those pairs:\n\n| run | seed | settings | the unseen pairs |\n"
-                 "| --- | ---: | --- | --- |\n" + "\n".join(held_out_rows) + "\n")
+        text += ("\nRuns that never saw some pairs (`tune.py --held-out`: the recipe's held-out pairs; "
+                 "`--seen-set`: all but 19), scored on the validation images: the final digit and sum "
+                 "accuracy (each image with its fixed addend), and the sum accuracy given a correct digit "
+                 "over every validation image of each unseen (seen) pair's digit paired with that pair's "
+                 "addend, with how many such pairs; the training seconds are the 20 epochs' sum on one "
+                 "shared CPU core:\n\n| run | seed | parameters | settings | val digit % | val sum % | "
+                 "unseen pairs: sum given a correct digit % | seen pairs: sum given a correct digit % | "
+                 "training seconds |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n"
+                 + "\n".join(held_out_rows) + "\n")
     (LOGS / "candidates.md").write_text(text)
     print(text)
 

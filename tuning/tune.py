@@ -17,7 +17,14 @@ gets an identity shortcut, ``relu(x + bn(conv(x)))``: a residual network at no e
 
 With ``--held-out`` the run never sees the recipe's HELD_OUT_PAIRS (digit, addend) pairs (drawn
 as the notebook draws them, seed 0) and reports, on the validation images, how often the sum of
-an unseen pair is right when the digit is read right.
+an unseen pair is right when the digit is read right, and the same for the pairs it saw. With
+``--seen-set chain`` it sees only the 19 pairs of ``au.long_chain_pairs()``, with
+``--seen-set SEED`` only the 19 of ``au.interior_seen_pairs(19, SEED)``, and scores the same way.
+
+With ``--true-digit-code`` the sum head reads the true digit's code in training (``AdderNet``'s
+``digits`` argument); evaluation still reads the network's answer. With ``--baseline`` it
+trains ``au.ConcatAdderNet``, the usual design, whose sum comes from layers over the image
+features and the addend.
 
 Run from the repository root, one thread per run so that two runs share two cores:
 
@@ -26,6 +33,7 @@ Run from the repository root, one thread per run so that two runs share two core
 ``python tuning/summarize.py`` then turns the logs into training_logs/tuning/candidates.md.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -66,18 +74,37 @@ def validation_digit_accuracy(model, images, digits, tta):
     return 100.0 * (predicted == digits).float().mean().item()
 
 
-def unseen_pairs_result(model, images, digits, held_out):
-    """Sum accuracy given a correct digit over every validation image of an unseen pair's digit,
+def pairs_result(label, model, images, digits, pairs):
+    """Sum accuracy given a correct digit over every validation image of each pair's digit,
     paired with that pair's addend, through predict."""
-    result = au.pair_accuracy(model, images, digits, held_out)
-    return f"result unseen pairs: {result['samples']} validation pairs, sum given a correct digit " \
+    result = au.pair_accuracy(model, images, digits, pairs)
+    return f"result {label} pairs: {result['samples']} validation pairs, sum given a correct digit " \
            f"{result['sum_acc_given_correct_digit']:.2f}, digit {result['digit_acc']:.2f}"
 
 
+def parse_arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--held-out", action="store_true", help="never train on the recipe's HELD_OUT_PAIRS")
+    parser.add_argument("--seen-set", help="train on 19 pairs only: 'chain' (the long chain) or a seed "
+                        "for interior_seen_pairs")
+    parser.add_argument("--residual", action="store_true", help="identity shortcuts in the backbone")
+    parser.add_argument("--true-digit-code", action="store_true",
+                        help="the sum head reads the true digit in training")
+    parser.add_argument("--baseline", action="store_true", help="train ConcatAdderNet, the usual design")
+    arguments = parser.parse_args()
+    if arguments.held_out and arguments.seen_set:
+        parser.error("--held-out and --seen-set both choose the pairs: give one")
+    if arguments.baseline and (arguments.residual or arguments.true_digit_code):
+        parser.error("--baseline has no digit code to read and is not residual")
+    return arguments
+
+
 def main():
-    name, seed = sys.argv[1], int(sys.argv[2])
-    held_out = "--held-out" in sys.argv[3:]
-    residual = "--residual" in sys.argv[3:]
+    arguments = parse_arguments()
+    name, seed = arguments.name, arguments.seed
+    held_out, residual = arguments.held_out, arguments.residual
     recipe = au.settings_from_env(au.RECIPE)
     train_full = au.load_mnist("data", train=True)
     train_index, validation_index = au.split_indices(len(train_full), recipe["VALIDATION_SIZE"], seed=0)
@@ -93,13 +120,20 @@ def main():
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # The epochs' validation figures read the digit plainly; the end scores it both ways.
-    model = au.AdderNet(recipe["STAGES"], test_time_shifts=False)
+    model = (au.ConcatAdderNet if arguments.baseline else au.AdderNet)(recipe["STAGES"], test_time_shifts=False)
     if residual:
         model = with_identity_shortcuts(model)
     settings = " ".join(f"{key}={value}" for key, value in recipe.items()
                         if held_out or not key.startswith("HELD_OUT"))
     settings += " RESIDUAL=True" if residual else ""
+    settings += f" SEEN_SET={arguments.seen_set}" if arguments.seen_set else ""
+    settings += " TRUE_DIGIT_CODE=True" if arguments.true_digit_code else ""
+    settings += " BASELINE=True" if arguments.baseline else ""
     held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=0) if held_out else []
+    if arguments.seen_set:
+        seen = (au.long_chain_pairs() if arguments.seen_set == "chain"
+                else au.interior_seen_pairs(2 * au.NUM_DIGITS - 1, int(arguments.seen_set)))
+        held_out_pairs = [tuple(pair) for pair in torch.nonzero(au.pair_mask(seen)).tolist()]  # the other 81
     print(f"{name} seed {seed}: {au.count_parameters(model)} parameters; {settings}", flush=True)
     steps_per_epoch = len(images) // recipe["BATCH_SIZE"]
     optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, recipe["EPOCHS"] * steps_per_epoch)
@@ -116,7 +150,8 @@ def main():
             batch_images = au.augment(batch_images, generator, recipe["MAX_ROTATION"], recipe["MAX_SHIFT"],
                                        recipe["MAX_SCALE"], recipe["ELASTIC"])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
-                digit_logits, sum_logits = model(batch_images, addends)
+                digit_logits, sum_logits = model(batch_images, addends,
+                                                 batch_digits if arguments.true_digit_code else None)
                 loss = digit_criterion(digit_logits, batch_digits) + F.cross_entropy(sum_logits, sums)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,9 +167,12 @@ def main():
         print(f"epoch {epoch:2d} loss {mean_loss:.4f} val digit {metrics['digit_acc']:.2f} "
               f"sum {metrics['sum_acc']:.2f} joint {metrics['joint_acc']:.2f} {seconds:.1f}s", flush=True)
 
-    if held_out:
+    if held_out_pairs:
+        seen_pairs = [tuple(pair) for pair in torch.nonzero(au.pair_mask(held_out_pairs)).tolist()]
         print(f"held out: {held_out_pairs}", flush=True)
-        print(unseen_pairs_result(model, validation_images, validation_digits, held_out_pairs), flush=True)
+        print(f"seen: {seen_pairs}", flush=True)
+        print(pairs_result("unseen", model, validation_images, validation_digits, held_out_pairs), flush=True)
+        print(pairs_result("seen", model, validation_images, validation_digits, seen_pairs), flush=True)
     variants = {"plain": model}
     for decay, average in averages.items():
         # The averaged weights never ran forward in training mode: measure their batch-norm
