@@ -1002,6 +1002,19 @@ def pair_accuracy(model, images, digits, pairs: list[tuple[int, int]]) -> dict:
     return results
 
 
+def sum_accuracy_by_pair(model: nn.Module, images, digits) -> torch.Tensor:
+    """A (10, 10) table of sum accuracy given a correct digit, per pair: entry [d, a] is the %
+    of the images of digit d read right whose sum with addend a is right too (every image with
+    every addend, through ``predict``), so that it shows the adding apart from the reading."""
+    pair_images, addends, pair_digits, pair_sums = pair_with_every_addend(images, digits)
+    digit_pred, sum_pred = predict(model, pair_images, addends)
+    digit_right = digit_pred == pair_digits
+    cell = (pair_digits * NUM_DIGITS + addends)[digit_right]
+    read = torch.bincount(cell, minlength=NUM_DIGITS * NUM_DIGITS)
+    added = torch.bincount(cell[(sum_pred == pair_sums)[digit_right]], minlength=NUM_DIGITS * NUM_DIGITS)
+    return (100.0 * added / read.clamp(min=1)).reshape(NUM_DIGITS, NUM_DIGITS)
+
+
 def exact_codes(digits: torch.Tensor, addends: torch.Tensor) -> torch.Tensor:
     """The sum head's input for exact digits: the digit's one-hot code next to the addend's."""
     return torch.cat([F.one_hot(digits, NUM_DIGITS), F.one_hot(addends, NUM_DIGITS)], dim=1).float()
@@ -1247,6 +1260,25 @@ def plot_pairs_needed(rows: list[dict]):
     axis.legend(loc="center left")
     axis.grid(alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def plot_pair_tables(tables: dict, seen: torch.Tensor):
+    """One 10x10 table per design, a cell per (digit, addend) pair coloured by its sum accuracy
+    given a correct digit (``sum_accuracy_by_pair``), the pairs seen in training outlined, and
+    the mean over the pairs never seen in each title."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tables), figsize=(4.8 * len(tables), 4.6), squeeze=False)
+    for axis, (name, table) in zip(axes[0], tables.items()):
+        table = torch.as_tensor(table, dtype=torch.float32)
+        image = axis.imshow(table.numpy(), cmap="RdYlGn", vmin=0, vmax=100)
+        for digit, addend in torch.nonzero(seen).tolist():
+            axis.add_patch(plt.Rectangle((addend - 0.5, digit - 0.5), 1, 1, fill=False, linewidth=2))
+        unseen = table[~seen]
+        axis.set(title=f"{name}\nunseen pairs: {unseen.mean():.1f} % on average" if len(unseen) else name,
+                 xlabel="addend", ylabel="digit", xticks=range(NUM_DIGITS), yticks=range(NUM_DIGITS))
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="sum right given a correct digit (%); outlined: seen")
     return figure
 
 

@@ -1147,6 +1147,19 @@ def test_pair_accuracy_hand_case():
     assert results["sum_acc_given_correct_digit"] == pytest.approx(100.0)
 
 
+def test_sum_accuracy_by_pair_counts_only_digits_read_right():
+    digits = torch.tensor([3, 7, 1, 3])
+    digit_table, sum_table = exact_adder_tables(digits)
+    sum_table[0, 2] = 0  # image 0 (a 3) misadds 3 + 2
+    digit_table[2] = 4  # image 2 (a 1) is read as a 4 with every addend: its pairs do not count
+    sum_table[2] = 4 + torch.arange(10)
+    table = au.sum_accuracy_by_pair(ScriptedModel(digit_table, sum_table), id_images(4), digits)
+    assert table.shape == (10, 10)
+    assert table[3, 2] == pytest.approx(50.0)  # one of the two 3s adds 2 right
+    assert table[3, 5] == 100.0 and table[7, 9] == 100.0
+    assert torch.all(table[1] == 0.0) and torch.all(table[0] == 0.0)  # no digit read right there
+
+
 def test_adder_table_of_an_exact_sum_head():
     head = set_exact_values(au.NumberLineSumHead()).train()
     table = au.adder_table(head)
@@ -1405,6 +1418,15 @@ def test_plot_predictions_marks_wrong_answers_in_red(close_figures):
     assert figure.axes[3].get_title().startswith("5+2=5") and "true 3+2=5" in figure.axes[3].get_title()
     assert figure.axes[0].get_title() == "0+2=2"
     assert all(not axis.images for axis in figure.axes[10:])  # the two spare cells stay empty
+
+
+def test_plot_pair_tables_outlines_the_seen_pairs(close_figures):
+    seen = au.pair_mask(au.held_out_pairs(81, seed=1, interior_sums=True))
+    tables = {"number-line head": torch.full((10, 10), 100.0), "baseline": torch.where(seen, 100.0, 0.0)}
+    figure = au.plot_pair_tables(tables, seen)
+    number_line, baseline = figure.axes[:2]
+    assert len(number_line.patches) == len(baseline.patches) == 19
+    assert "unseen pairs: 100.0 %" in number_line.get_title() and "unseen pairs: 0.0 %" in baseline.get_title()
 
 
 def test_plot_confusion_matrix(close_figures):
