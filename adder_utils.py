@@ -655,8 +655,14 @@ def sgd_one_cycle(parameters, recipe: dict, total_steps: int, fused: bool = Fals
     settings = {"momentum": recipe["MOMENTUM"], "nesterov": True, "weight_decay": recipe["WEIGHT_DECAY"]}
     if fused:
         try:
-            optimizer = torch.optim.SGD(parameters, lr=torch.tensor(recipe["MAX_LR"], device=parameters[0].device),
-                                        fused=True, **settings)
+            device = parameters[0].device
+            # One step on a throwaway tensor first: an older torch may refuse a tensor learning
+            # rate only when it steps, and then the plain step would fail with it too.
+            probe = torch.zeros(2, device=device, requires_grad=True)
+            probe.grad = torch.ones_like(probe)
+            torch.optim.SGD([probe], lr=torch.tensor(0.1, device=device), fused=True, **settings).step()
+            optimizer = torch.optim.SGD(parameters, lr=torch.tensor(recipe["MAX_LR"], device=device), fused=True,
+                                        **settings)
         except (RuntimeError, TypeError, ValueError) as error:  # a torch or device without it
             print(f"fused SGD with the learning rate in a tensor is not available here ({type(error).__name__}: "
                   f"{error}); using plain SGD, so the training step cannot be recorded as a CUDA graph.")

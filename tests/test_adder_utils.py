@@ -843,6 +843,24 @@ def test_sgd_one_cycle_falls_back_to_plain_sgd_where_fused_is_missing(monkeypatc
     scheduler.step()  # the schedule drives it as usual
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer step needed
+def test_sgd_one_cycle_falls_back_where_fused_sgd_fails_only_when_it_steps(monkeypatch, capsys):
+    real_step = torch.optim.SGD.step
+
+    def step_refusing_a_tensor_lr(self, closure=None):
+        if self.defaults.get("fused") and isinstance(self.param_groups[0]["lr"], torch.Tensor):
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        return real_step(self, closure)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_refusing_a_tensor_lr)
+    model = nn.Linear(3, 2)
+    optimizer, _ = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=100, fused=True)
+    assert "using plain SGD" in capsys.readouterr().out
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # the plain optimizer steps
+
+
 def test_recorded_step_trains_step_by_step_when_recording_fails(test_images, capsys):
     """A failure while warming up or recording (an old torch, a driver error): the plain step,
     said so, and training goes on exactly from where it was."""
