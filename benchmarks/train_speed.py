@@ -4,12 +4,12 @@
     python benchmarks/train_speed.py --short    # a tiny run that only proves the script works (CI)
 
 Every row trains adder_utils.AdderNet with the recipe (adder_utils.RECIPE: the same loss,
-optimizer and schedule) and changes one thing against the row before it; benchmarks/README.md
-says what each row is and what the targets are. For each row: steady-state training images/s,
-seconds per epoch and for the recipe's 20 epochs, warm-up seconds (compilation and CUDA-graph
-recording, kept out of every other figure), the training seconds from fresh weights to 99.0%
-validation digit accuracy under a short schedule, and, for the notebook's rows, a profile of
-where a step's time goes. Results are rewritten after every row, so a run cut short keeps
+optimizer and schedule) and changes something against the row it builds on ("compared_with");
+benchmarks/README.md says what each row is and what the targets are. For each row: steady-state
+training images/s, seconds per epoch and for the recipe's 20 epochs, warm-up seconds
+(compilation and CUDA-graph recording, kept out of every other figure), the training seconds
+from fresh weights to 99.0% validation digit accuracy under a short schedule, and, for the
+rows in PROFILED, a profile of where a step's time goes. Results are rewritten after every row, so a run cut short keeps
 what it measured; a row that fails is reported as failed and the others still run.
 """
 
@@ -48,12 +48,12 @@ ROWS = [
     {"key": "reference", "name": "reference: Dataset + DataLoader, eager fp32", "compared_with": None},
     {"key": "device", "name": "data on the device", "compared_with": "reference",
      "data_on_device": True},
-    {"key": "notebook", "name": "the notebook's recipe: + augmentation, autocast, compile on a GPU",
+    {"key": "notebook", "name": "the recipe step by step: + augmentation, autocast, compile on a GPU",
      "compared_with": "device", "data_on_device": True, "augment": True, "autocast": True, "compile": "gpu"},
     {"key": "compiled_cpu", "name": "+ torch.compile on a CPU too (the notebook leaves it off there)",
      "compared_with": "notebook", "needs_cpu": True, "data_on_device": True, "augment": True, "autocast": True,
      "compile": "always"},
-    {"key": "captured", "name": "+ the whole step recorded as one CUDA graph (on a GPU), constant momentum",
+    {"key": "captured", "name": "+ the whole step recorded as one CUDA graph (on a GPU): the notebook's step",
      "compared_with": "notebook", "data_on_device": True, "augment": True, "autocast": True, "compile": "gpu",
      "captured": True},
     {"key": "channels_last", "name": "+ channels-last memory format", "compared_with": "captured",
@@ -65,7 +65,7 @@ ROWS = [
     {"key": "float16", "name": "Colab T4's path, forced: float16 autocast + GradScaler",
      "compared_with": "notebook", "needs_cuda": True, "data_on_device": True, "augment": True,
      "autocast": "float16", "compile": "gpu"},
-    {"key": "float16_captured", "name": "+ the whole step recorded as one CUDA graph, constant momentum",
+    {"key": "float16_captured", "name": "+ the whole step recorded as one CUDA graph",
      "compared_with": "float16", "needs_cuda": True, "data_on_device": True, "augment": True,
      "autocast": "float16", "compile": "gpu", "captured": True},
 ]
@@ -74,7 +74,8 @@ PROFILED = {"notebook", "captured", "channels_last"}
 
 def load_data(root, train_size, device):
     train_full = au.load_mnist(root, train=True)
-    train_index, validation_index = au.split_indices(len(train_full), au.RECIPE["VALIDATION_SIZE"], seed=0)
+    train_index, validation_index = au.split_indices(
+        len(train_full), au.RECIPE["VALIDATION_SIZE"], seed=au.RECIPE["SPLIT_SEED"])
     if train_size:
         train_index = train_index[:train_size]
     normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize((au.MNIST_MEAN,), (au.MNIST_STD,))])
@@ -82,7 +83,8 @@ def load_data(root, train_size, device):
         "reference_set": Subset(au.MNISTAdder(root, train=True, transform=normalize), train_index.tolist()),
         "images": au.normalize_images(train_full.data[train_index].to(device)),
         "digits": train_full.targets[train_index].to(device),
-        "validation": (train_full.data[validation_index], au.seeded_addends(len(validation_index), seed=1),
+        "validation": (train_full.data[validation_index],
+                       au.seeded_addends(len(validation_index), seed=au.RECIPE["VALIDATION_ADDEND_SEED"]),
                        train_full.targets[validation_index]),
     }
 
@@ -104,12 +106,11 @@ def endless_batches(row, data, generator, batch_size):
 
 def build_training(row, total_steps, device):
     """The row's model, schedule and training step, from the same fresh weights for every row."""
-    recipe = {**au.RECIPE, "CYCLE_MOMENTUM": au.RECIPE["CYCLE_MOMENTUM"] and not row.get("captured")}
     torch.manual_seed(0)
-    model = au.AdderNet(recipe["STAGES"]).to(device)
+    model = au.AdderNet(au.RECIPE["STAGES"]).to(device)
     if row.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, total_steps, fused=bool(row.get("captured")))
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps, fused=bool(row.get("captured")))
     compiled = row.get("compile") == "always" or (row.get("compile") == "gpu" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     dtype = {True: au.autocast_dtype(device), "float16": torch.float16}.get(row.get("autocast"))
@@ -122,7 +123,7 @@ def build_training(row, total_steps, device):
             images = au.augment(images, generator)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
             digit_logits, sum_logits = forward(images, addends)
-            loss = (F.cross_entropy(digit_logits, digits, label_smoothing=recipe["LABEL_SMOOTHING"])
+            loss = (F.cross_entropy(digit_logits, digits, label_smoothing=au.RECIPE["LABEL_SMOOTHING"])
                     + F.cross_entropy(sum_logits, sums))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -265,7 +266,7 @@ def report(results):
         f"{environment['python']}, torch {environment['torch']}, torchvision {environment['torchvision']}, CUDA "
         f"{environment['cuda']}. `{results['command']}`; settings: "
         + ", ".join(f"{key}={value}" for key, value in settings.items()) + ".", "",
-        f"| pipeline | autocast | images/s | x reference | x the row before | ms/step | s/epoch | "
+        f"| pipeline | autocast | images/s | x reference | x the row it builds on | ms/step | s/epoch | "
         f"{au.RECIPE['EPOCHS']} epochs, s | warm-up s | to {settings['target_digit_acc']}% val digit |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -3,7 +3,8 @@ defaults, predict on CUDA, resume on CUDA.
 
 Skipped where there is no CUDA GPU (CI, most laptops); `.ci/gpu_run` runs them on one. The
 notebook runs in its short mode (conftest.py), but with the device's defaults: ADDER_COMPILE
-is unset, so on a GPU torch.compile is on, and bf16 autocast is on where bf16 is native.
+is unset, so on a GPU torch.compile is on, the training step is a CUDA graph, and autocast
+is bfloat16 where bf16 is native and float16 elsewhere.
 
 ADDER_GPU_TESTS_ON_CPU=1 runs them on the CPU instead, with the CPU's defaults: that is how
 `.ci/gpu_run --short` rehearses them, so that their code has run before a GPU is at hand.
@@ -68,8 +69,7 @@ def cuda_training(fused, dtype=None, seed=0, steps=6):
     """The notebook's model and training step on DEVICE; float16 brings a GradScaler."""
     torch.manual_seed(seed)
     model = au.AdderNet().to(DEVICE)
-    recipe = {**au.RECIPE, "CYCLE_MOMENTUM": False}
-    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, total_steps=steps, fused=fused)
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), au.RECIPE, total_steps=steps, fused=fused)
     generator = torch.Generator(DEVICE).manual_seed(seed)
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=dtype == torch.float16)
 
@@ -176,7 +176,9 @@ def test_notebook_short_mode_on_cuda_with_gpu_defaults(uninterrupted_run):
     assert record["environment"]["device_type"] == DEVICE.type
     assert record["cpu_run"] is (DEVICE.type == "cpu")
     assert record["torch_compile"] is (DEVICE.type == "cuda")
-    assert record["bf16_autocast"] == au.supports_bf16(DEVICE)
+    dtype = au.autocast_dtype(DEVICE)
+    assert record["autocast"] == (str(dtype).removeprefix("torch.") if dtype else None)
+    assert record["cuda_graph"] is (DEVICE.type == "cuda")
     assert (uninterrupted_run / "model.pt").exists()
 
 

@@ -107,14 +107,15 @@ def main():
     held_out, residual = arguments.held_out, arguments.residual
     recipe = au.settings_from_env(au.RECIPE)
     train_full = au.load_mnist("data", train=True)
-    train_index, validation_index = au.split_indices(len(train_full), recipe["VALIDATION_SIZE"], seed=0)
+    train_index, validation_index = au.split_indices(
+        len(train_full), recipe["VALIDATION_SIZE"], seed=recipe["SPLIT_SEED"])
     if recipe["TRAIN_SIZE"]:
         train_index = train_index[: recipe["TRAIN_SIZE"]]
     images = au.normalize_images(train_full.data[train_index])
     digits = train_full.targets[train_index]
     validation_images = train_full.data[validation_index]
     validation_digits = train_full.targets[validation_index]
-    validation_addends = au.seeded_addends(len(validation_index), seed=1)
+    validation_addends = au.seeded_addends(len(validation_index), seed=recipe["VALIDATION_ADDEND_SEED"])
     validation_sums = validation_digits + validation_addends
 
     torch.manual_seed(seed)
@@ -129,7 +130,7 @@ def main():
     settings += f" SEEN_SET={arguments.seen_set}" if arguments.seen_set else ""
     settings += " TRUE_DIGIT_CODE=True" if arguments.true_digit_code else ""
     settings += " BASELINE=True" if arguments.baseline else ""
-    held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=0) if held_out else []
+    held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=recipe["HELD_OUT_SEED"]) if held_out else []
     if arguments.seen_set:
         seen = (au.long_chain_pairs() if arguments.seen_set == "chain"
                 else au.interior_seen_pairs(2 * au.NUM_DIGITS - 1, int(arguments.seen_set)))
