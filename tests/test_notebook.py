@@ -174,6 +174,13 @@ def test_device_cell_without_gpu_tells_colab_users_what_to_do(short_run_env, mon
     assert "device" not in namespace  # it stopped at the device cell, before anything could train
 
 
+def test_epoch_rows_hold_plain_numbers(uninterrupted):
+    """The rows go to history.csv and the JSON logs. With fused SGD (the CUDA-graph path, which
+    a CPU run takes too) the schedule reports its learning rate as a tensor."""
+    _, _, history = uninterrupted
+    assert all(type(value) in (int, float) for row in history for value in row.values()), history[0]
+
+
 def test_interrupted_and_resumed_training_ends_exactly_like_an_uninterrupted_run(notebook, uninterrupted, interrupted, tmp_path):
     _, model, history = uninterrupted
     output_dir = copy_of(interrupted, tmp_path)
