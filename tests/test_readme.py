@@ -61,3 +61,9 @@ def test_readme_python_example_runs_as_written(data_root, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["digits"].shape == namespace["sums"].shape == (3,)
     assert (namespace["sums"] - namespace["digits"]).tolist() == [3, 0, 9]
+
+
+def test_a_resumed_run_is_not_timed_as_a_whole_notebook():
+    assert readme_tables.whole_notebook_time({"notebook_seconds": 312.4}) == "took 312 s"
+    resumed = readme_tables.whole_notebook_time({"notebook_seconds": 95.0, "resumed": True})
+    assert "ran in parts" in resumed and "the last took 95 s" in resumed

@@ -125,8 +125,17 @@ def training_log_table(logs) -> list[str]:
     lines += ["", f"Training took {sum(seconds):.1f} s{setup}: {seconds[0]:.2f} s for the first epoch{compiled}, "
               f"then {min(seconds[1:], default=0):.2f} to {max(seconds[1:], default=0):.2f} s an epoch. The "
               f"whole notebook ({record['settings']['SEEDS']} seeds, the held-out run, the learning-rate test and "
-              f"the sum-head study) took {record['notebook_seconds']:.0f} s."]
+              f"the sum-head study) {whole_notebook_time(record)}."]
     return lines
+
+
+def whole_notebook_time(record) -> str:
+    """How long the notebook ran, or, for a run resumed after an interruption, how long the part
+    that finished it ran (the epochs' seconds above are those of every part)."""
+    if record.get("resumed"):
+        return (f"ran in parts, each resuming the one before (`RESUME`); the last took "
+                f"{record['notebook_seconds']:.0f} s, and `training_logs/gpu_run/summary.txt` times each")
+    return f"took {record['notebook_seconds']:.0f} s"
 
 
 def held_out_table(logs) -> list[str]:
