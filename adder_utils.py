@@ -57,8 +57,8 @@ RECIPE = {
     "VALIDATION_SIZE": 5000,    # taken from the 60,000 training images ...
     "SPLIT_SEED": 0,            # ... which ones: split_indices' seed
     "VALIDATION_ADDEND_SEED": 1,  # the validation images' addends, drawn once: seeded_addends' seed
-    "HELD_OUT_PAIRS": 70,       # (digit, addend) pairs the memorisation experiment never trains on ...
-    "HELD_OUT_SEED": 0,         # ... which ones: held_out_pairs' seed
+    "HELD_OUT_PAIRS": 81,       # (digit, addend) pairs the held-out model never trains on: all but 19 ...
+    "HELD_OUT_SEED": 1,         # ... which ones: held_out_pairs(..., interior_sums=True)'s seed
     "HELD_OUT_EPOCHS": 20,
 }
 

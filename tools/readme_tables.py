@@ -147,8 +147,15 @@ def held_out_table(logs) -> list[str]:
              else f"The only pairs seen in training: {', '.join(f'{d}+{a}' for d, a in seen)}.")
     lines = [named, "", "| pairs | test samples | digit accuracy | sum accuracy | sum accuracy given a correct digit |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for name, label in (("seen", f"the {100 - len(pairs)} seen in training"), ("unseen", f"the {len(pairs)} held out")):
-        result = held_out[name]
+    rows = [(f"the {100 - len(pairs)} seen in training", held_out["seen"]),
+            (f"the {len(pairs)} held out", held_out["unseen"])]
+    if "baseline" in held_out:  # the usual design beside it, on the same pairs and on all 100
+        baseline = held_out["baseline"]
+        rows += [(f"usual design: the {100 - len(pairs)} seen", baseline["seen"]),
+                 (f"usual design: the {len(pairs)} held out", baseline["unseen"]),
+                 ("usual design trained on all 100", {"samples": baseline["all_pairs_trained"]["pairs"],
+                                                      **baseline["all_pairs_trained"]})]
+    for label, result in rows:
         lines.append(f"| {label} | {result['samples']:,} | {percent(result['digit_acc'])} | "
                      f"{percent(result['sum_acc'])} | {percent(result['sum_acc_given_correct_digit'])} |")
     wrong = [(d, a) for d, a in pairs if table[d][a] != d + a]

@@ -16,7 +16,7 @@ With ``--residual`` each convolution whose input and output widths match (4 of t
 gets an identity shortcut, ``relu(x + bn(conv(x)))``: a residual network at no extra parameter.
 
 With ``--held-out`` the run never sees the recipe's HELD_OUT_PAIRS (digit, addend) pairs (drawn
-as the notebook draws them, seed 0) and reports, on the validation images, how often the sum of
+as the notebook draws them) and reports, on the validation images, how often the sum of
 an unseen pair is right when the digit is read right, and the same for the pairs it saw. With
 ``--seen-set chain`` it sees only the 19 pairs of ``au.long_chain_pairs()``, with
 ``--seen-set SEED`` only the 19 of ``au.interior_seen_pairs(19, SEED)``, and scores the same way.
@@ -130,7 +130,8 @@ def main():
     settings += f" SEEN_SET={arguments.seen_set}" if arguments.seen_set else ""
     settings += " TRUE_DIGIT_CODE=True" if arguments.true_digit_code else ""
     settings += " BASELINE=True" if arguments.baseline else ""
-    held_out_pairs = au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=recipe["HELD_OUT_SEED"]) if held_out else []
+    held_out_pairs = (au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=recipe["HELD_OUT_SEED"], interior_sums=True)
+                      if held_out else [])  # as the notebook draws them
     if arguments.seen_set:
         seen = (au.long_chain_pairs() if arguments.seen_set == "chain"
                 else au.interior_seen_pairs(2 * au.NUM_DIGITS - 1, int(arguments.seen_set)))
