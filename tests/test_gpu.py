@@ -65,6 +65,16 @@ def final_results(output_dir: Path) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def cudnn_as_the_notebook_sets_it():
+    """Deterministic kernels and no TF32 in fp32 convolutions, as the notebook's device cell
+    asks: otherwise two runs of the same fp32 step may round differently."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cuda_training(fused, dtype=None, seed=0, steps=6):
     """The notebook's model and training step on DEVICE; float16 brings a GradScaler."""
     torch.manual_seed(seed)
@@ -76,7 +86,7 @@ def cuda_training(fused, dtype=None, seed=0, steps=6):
     def step(images, addends, digits, sums):
         images = au.augment(images, generator)
         with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-            digit_logits, sum_logits = model(images, addends)
+            digit_logits, sum_logits = model(images, addends, digits)  # the true digits, as the notebook
             loss = F.cross_entropy(digit_logits, digits, label_smoothing=0.1) + F.cross_entropy(sum_logits, sums)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
