@@ -65,7 +65,7 @@ def final_results(output_dir: Path) -> dict:
     }
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def cudnn_as_the_notebook_sets_it():
     """Deterministic kernels and no TF32 in fp32 convolutions, as the notebook's device cell
     asks: otherwise two runs of the same fp32 step may round differently."""
@@ -106,6 +106,7 @@ def batches_on_device(data_root, count=6, size=128):
             for i in range(0, count * size, size)]
 
 
+@pytest.mark.usefixtures("cudnn_as_the_notebook_sets_it")
 @pytest.mark.parametrize("dtype", [None, torch.float16], ids=["fp32", "float16 and a GradScaler"])
 def test_captured_step_replays_what_the_eager_step_computes(data_root, dtype):
     """The same step, eager and replayed from a CUDA graph: the same losses and weights, to
@@ -126,6 +127,7 @@ def test_captured_step_replays_what_the_eager_step_computes(data_root, dtype):
     assert largest < 1e-4
 
 
+@pytest.mark.usefixtures("cudnn_as_the_notebook_sets_it")
 def test_captured_step_computes_the_plain_steps_updates_on_cuda(data_root):
     """Against the plain step of the notebook's loop (foreach SGD, the learning rate a Python number)."""
     batches = batches_on_device(data_root)
