@@ -122,8 +122,9 @@ def training_log_table(logs) -> list[str]:
     setup = (f", after {record['main_run_setup_seconds']:.1f} s of set-up (compilation, warm-up steps and "
              "the CUDA graph's recording)") if record["cuda_graph"] else ""
     compiled = " (it holds torch.compile's compilation)" if record["torch_compile"] and not setup else ""
+    later = sorted({f"{value:.2f}" for value in (min(seconds[1:], default=0), max(seconds[1:], default=0))})
     lines += ["", f"Training took {sum(seconds):.1f} s{setup}: {seconds[0]:.2f} s for the first epoch{compiled}, "
-              f"then {min(seconds[1:], default=0):.2f} to {max(seconds[1:], default=0):.2f} s an epoch. The "
+              f"then {' to '.join(later)} s an epoch. The "
               f"whole notebook ({record['settings']['SEEDS']} seeds, the held-out run, the learning-rate test and "
               f"the sum-head study) {whole_notebook_time(record)}."]
     return lines
