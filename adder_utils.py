@@ -1744,6 +1744,7 @@ def to_mnist_format(image, dark_on_light: bool | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def digit_probabilities(model: nn.Module, images) -> torch.Tensor:
     """The ten digit probabilities behind ``predict``'s digit answers, (N, 10): with test-time
     shifts their mean over the image and its eight one-pixel shifts, whose argmax it answers."""
