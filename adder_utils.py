@@ -9,8 +9,10 @@ The training loop itself lives in ``MNIST_Adder.ipynb``: it is what the notebook
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -1134,24 +1136,40 @@ def pairs_needed_run(count: int, seed: int, head_name: str, steps: int) -> dict:
             "seen_acc": table_accuracy(table, allowed), "unseen_acc": table_accuracy(table, ~allowed)}
 
 
-def pairs_needed_study(held_out_counts, seeds, steps: int = 2000) -> list[dict]:
+def pairs_needed_study(held_out_counts, seeds, steps: int = 2000, workers: int | None = None) -> list[dict]:
     """For each count of held-out pairs, each seed and each kind of sum head, one
-    ``pairs_needed_run``: one row each.
+    ``pairs_needed_run``: one row each, in that order.
 
-    The runs go one after another in this process, on the CPU, with one thread: a head this
-    small gains nothing from more, and the caller's thread count comes back afterwards. No
-    worker processes: once a process has run a backward pass with a GPU present, autograd has
-    started a thread per device, and a process forked from it cannot run a backward pass of its
-    own (PyTorch's wiki page "Autograd and Fork"). The notebook calls this after training on the
-    GPU; ``tests/test_adder_utils.py`` shows it on a CPU machine.
+    Each run has one thread, since a head this small gains nothing from more, and the runs go
+    side by side in ``workers`` processes (one per CPU core if None; 1: all in this process).
+    The workers are started fresh ("spawn"), never forked: once a process has run a backward
+    pass with a GPU present, autograd has started a thread per device, and a process forked
+    from it cannot run a backward pass of its own (PyTorch's wiki page "Autograd and Fork"),
+    and the notebook calls this after training on the GPU. Where the workers cannot run, it
+    says why and runs the study in this process; the rows are the same either way.
     """
+    runs = [(count, seed, head_name, steps) for count in held_out_counts for seed in seeds for head_name in SUM_HEADS]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(workers, len(runs))
+    if workers > 1:
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(_pairs_needed_run_alone, runs))
+        except Exception as error:  # e.g. a sandbox that allows no new processes
+            print(f"The study's worker processes failed ({type(error).__name__}: {error}); "
+                  "running its runs one after another in this process instead.")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        return [pairs_needed_run(count, seed, head_name, steps)
-                for count in held_out_counts for seed in seeds for head_name in SUM_HEADS]
+        return [_pairs_needed_run_alone(run) for run in runs]
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the caller's training keeps its threads
+
+
+def _pairs_needed_run_alone(run: tuple) -> dict:
+    """``pairs_needed_run(*run)`` with one thread: several run side by side, one per core."""
+    torch.set_num_threads(1)
+    return pairs_needed_run(*run)
 
 
 # --------------------------------------------------------------------------------------

@@ -1278,10 +1278,27 @@ def test_pairs_needed_study_reaches_81_held_out():
 
 def test_pairs_needed_study_gives_each_run_alone_and_keeps_the_callers_threads():
     threads = torch.get_num_threads()
-    rows = au.pairs_needed_study([10, 70], seeds=[0], steps=60)
+    rows = au.pairs_needed_study([10, 70], seeds=[0], steps=60, workers=1)
     assert torch.get_num_threads() == threads  # the caller's training keeps its threads
     assert rows[0] == au.pairs_needed_run(10, 0, "one-hot class head", 60)
     assert rows[3] == au.pairs_needed_run(70, 0, "number-line head", 60)
+
+
+def test_pairs_needed_study_in_worker_processes_gives_the_same_rows_in_the_same_order(capsys):
+    in_workers = au.pairs_needed_study([10, 70], seeds=[0, 1], steps=60, workers=2)
+    assert "failed" not in capsys.readouterr().out  # the workers ran: no fallback
+    assert in_workers == au.pairs_needed_study([10, 70], seeds=[0, 1], steps=60, workers=1)
+
+
+def test_pairs_needed_study_without_worker_processes_says_so_and_runs_here(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError("no new processes here")
+
+    monkeypatch.setattr(au.concurrent.futures, "ProcessPoolExecutor", refuse)
+    rows = au.pairs_needed_study([10], seeds=[0], steps=30, workers=4)
+    printed = capsys.readouterr().out
+    assert "worker processes failed (PermissionError: no new processes here)" in printed
+    assert rows == au.pairs_needed_study([10], seeds=[0], steps=30, workers=1)
 
 
 # Run in a fresh interpreter: the device guard it registers cannot be taken back.
@@ -1291,14 +1308,6 @@ from torch.utils import backend_registration
 sys.path.insert(0, sys.argv[1])
 import adder_utils as au
 
-# An accelerator's device guard, as PyTorch's Python backend hooks register one (it reports
-# one device): from the first backward pass on, autograd keeps a thread for that device, as
-# it does for CUDA on a GPU machine.
-backend_registration._setup_privateuseone_for_python_backend()
-x = torch.ones(3, requires_grad=True)
-(2 * x).sum().backward()  # the notebook has trained on the GPU by the time the study runs
-
-
 def backward_in_child(queue):
     try:
         (3 * torch.ones(3, requires_grad=True)).sum().backward()
@@ -1307,14 +1316,23 @@ def backward_in_child(queue):
         queue.put(str(error))
 
 
-context = multiprocessing.get_context("fork")
-queue = context.Queue()
-child = context.Process(target=backward_in_child, args=(queue,))
-child.start()
-print("forked child:", queue.get(timeout=60))
-child.join()
-rows = au.pairs_needed_study([10, 80], seeds=[0], steps=20)
-print("study rows:", len(rows))
+# The study's workers start fresh and import this script again (as any spawned process does):
+# what runs belongs under the main guard.
+if __name__ == "__main__":
+    # An accelerator's device guard, as PyTorch's Python backend hooks register one (it reports
+    # one device): from the first backward pass on, autograd keeps a thread for that device, as
+    # it does for CUDA on a GPU machine.
+    backend_registration._setup_privateuseone_for_python_backend()
+    x = torch.ones(3, requires_grad=True)
+    (2 * x).sum().backward()  # the notebook has trained on the GPU by the time the study runs
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=backward_in_child, args=(queue,))
+    child.start()
+    print("forked child:", queue.get(timeout=60))
+    child.join()
+    rows = au.pairs_needed_study([10, 80], seeds=[0], steps=20, workers=2)  # worker processes ...
+    print("study rows:", len(rows), rows == au.pairs_needed_study([10, 80], seeds=[0], steps=20, workers=1))  # ... and here
 """
 
 
@@ -1332,7 +1350,8 @@ def test_pairs_needed_study_runs_after_a_backward_pass_on_an_accelerator(tmp_pat
     assert "forked child: Unable to handle autograd's threading in combination with fork" in result.stdout, (
         result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr
-    assert "study rows: 4" in result.stdout
+    assert "failed" not in result.stdout  # the worker processes ran: no fallback
+    assert "study rows: 4 True" in result.stdout
 
 
 def test_summarize_runs():
