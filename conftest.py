@@ -14,6 +14,7 @@ SHORT_RUN_ENV = {
     "ADDER_COMPILE": "0",
     "ADDER_EPOCHS": "2",
     "ADDER_TRAIN_SIZE": "2048",
+    "ADDER_VALIDATION_SIZE": "1000",  # which the scored models train on too
     "ADDER_TEST_SIZE": "500",
     "ADDER_SEEDS": "2",
     "ADDER_HELD_OUT_EPOCHS": "1",

@@ -86,11 +86,13 @@ class NotebookSession:
             self.run(one_cell(self.cells, SETTINGS_CELL))
             self.run(one_cell(self.cells, TRAINING_CELL))
 
-    def train(self, seed=0):
-        """``train_model`` for the main run, as the notebook calls it; returns (model, history, printed)."""
+    def train(self, seed=0, run_name=None, **options):
+        """``train_model`` as the notebook calls it for the main run (on all the images, the
+        validation split's too) unless told otherwise; returns (model, history, printed)."""
+        options = {"all_images": True, **options}
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            model, history = self.namespace["train_model"](seed, f"seed{seed}")
+            model, history = self.namespace["train_model"](seed, run_name or f"seed{seed}", **options)
         return model, history, printed.getvalue()
 
 
@@ -181,6 +183,22 @@ def test_epoch_rows_hold_plain_numbers(uninterrupted):
     assert all(type(value) in (int, float) for row in history for value in row.values()), history[0]
 
 
+def test_scored_models_train_on_the_validation_images_too_and_the_validation_run_scores_them(
+    notebook, monkeypatch, tmp_path
+):
+    trained_on = []
+    real = au.random_batches
+    monkeypatch.setattr(au, "random_batches", lambda images, *rest: trained_on.append(len(images)) or real(images, *rest))
+    notebook.settings(OUTPUT_DIR=tmp_path, EPOCHS=1)
+    _, history, printed = notebook.train()
+    _, validation_history, _ = notebook.train(run_name="validation", all_images=False)
+    namespace = notebook.namespace
+    assert trained_on == [len(namespace["train_index"]) + len(namespace["validation_index"]), len(namespace["train_index"])]
+    assert "digit_acc" not in history[0]
+    assert printed.splitlines()[-1].split()[2:5] == ["-", "-", "-"]  # no validation scores printed
+    assert {"digit_acc", "sum_acc", "joint_acc"} <= set(validation_history[0])
+
+
 def test_interrupted_and_resumed_training_ends_exactly_like_an_uninterrupted_run(notebook, uninterrupted, interrupted, tmp_path):
     _, model, history = uninterrupted
     output_dir = copy_of(interrupted, tmp_path)
@@ -254,7 +272,7 @@ def test_whole_notebook_resumed_after_a_disconnect_ends_like_an_uninterrupted_ru
         logged = [row for row in csv.DictReader(file) if row["run"] == "seed0"]
     assert [int(row["epoch"]) for row in logged] == [row["epoch"] for row in history]
     for row, expected in zip(logged, history):
-        for key in ("loss", "digit_acc", "sum_acc", "joint_acc", "lr"):
+        for key in ("loss", "lr"):  # the main run trains on the validation images too: no scores
             assert float(row[key]) == pytest.approx(expected[key], rel=1e-6), (row["epoch"], key)
 
 
