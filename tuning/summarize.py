@@ -9,9 +9,12 @@ candidate trained with the recipe, adder_utils.RECIPE with any ADDER_<KEY> overr
 tune.py reads it, scored with test-time shifts if the recipe has them; the settings column
 names what differs from that recipe.
 
-Run from the repository root: python tuning/summarize.py
+Run from the repository root: python tuning/summarize.py. With ``--logs DIR`` it reads the
+logs in DIR instead and writes DIR/candidates.md: how a sweep's GPU runs (tuning/sweep.py) are
+compared among themselves, since a GPU run draws other random numbers than a CPU run.
 """
 
+import argparse
 import re
 import statistics
 import sys
@@ -37,6 +40,7 @@ def read_log(path):
     if not header:
         return None
     name, seed, parameters, settings = header.groups()
+    settings = re.sub(r" DEVICE=\S+", "", settings)  # where it ran: one device per folder (main says which)
     epochs = [re.search(r"^epoch +(\d+) .* val digit ([\d.]+)", line) for line in lines[1:]]
     epochs = [match for match in epochs if match]
     planned = re.search(r"(?:epochs|EPOCHS)=(\d+)", settings)
@@ -82,10 +86,23 @@ def changed_settings(settings: str) -> str:
     return ", ".join(changed) or "the recipe"
 
 
+def log_devices(paths) -> set[str]:
+    """The devices the logs trained on (tune.py names any but the CPU in its first line)."""
+    return {(re.search(r" DEVICE=(\S+)", path.read_text().split("\n", 1)[0]) or [None, "cpu"])[1] for path in paths}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logs", type=Path, default=LOGS, help="the folder of tune.py's logs")
+    logs = parser.parse_args().logs
+    paths = sorted(logs.glob("*_seed*.log"))
+    devices = log_devices(paths)
+    if len(devices) > 1:
+        raise SystemExit(f"{logs} holds runs on several devices ({', '.join(sorted(devices))}): "
+                         "their random numbers differ, so they are not compared seed by seed")
     runs = defaultdict(dict)  # candidate -> {seed: accuracy}
     described, held_out_rows = {}, []
-    for path in sorted(LOGS.glob("*_seed*.log")):
+    for path in paths:
         log = read_log(path)
         if log is None:
             continue
@@ -120,23 +137,24 @@ def main():
                     f"{statistics.mean(values):.3f}{spread} | {', '.join(f'{v:.2f}' for v in values)} | {paired} |")
     overrides = [f"{key}={value}" for key, value in RECIPE.items() if value != au.RECIPE[key]]
     recipe = "adder_utils.RECIPE" + (f" with {', '.join(overrides)}" if overrides else "")
+    where = "a CUDA GPU" if devices == {"cuda"} else "the CPU, one core each"
     text = (
         "# Tuning candidates: validation digit accuracy\n\n"
         "Written by `tuning/summarize.py` from the logs beside it (`tuning/README.md` says how they were "
         "made and what was chosen). The 5,000 validation images come from the training set; the test set "
-        f"is never loaded. The recipe here is {recipe}.\n\n" + "\n".join(rows) + "\n"
+        f"is never loaded. The recipe here is {recipe}; the runs trained on {where}.\n\n" + "\n".join(rows) + "\n"
     )
     if held_out_rows:
         text += ("\nRuns that never saw some pairs (`tune.py --held-out`: the recipe's held-out pairs; "
                  "`--seen-set`: all but 19), scored on the validation images: the final digit and sum "
                  "accuracy (each image with its fixed addend), and the sum accuracy given a correct digit "
                  "over every validation image of each unseen (seen) pair's digit paired with that pair's "
-                 "addend, with how many such pairs; the training seconds are the 20 epochs' sum on one "
-                 "shared CPU core:\n\n| run | seed | parameters | settings | val digit % | val sum % | "
+                 "addend, with how many such pairs; the training seconds are the 20 epochs' sum on "
+                 f"{where}:\n\n| run | seed | parameters | settings | val digit % | val sum % | "
                  "unseen pairs: sum given a correct digit % | seen pairs: sum given a correct digit % | "
                  "training seconds |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n"
                  + "\n".join(held_out_rows) + "\n")
-    (LOGS / "candidates.md").write_text(text)
+    (logs / "candidates.md").write_text(text)
     print(text)
 
 

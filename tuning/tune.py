@@ -26,6 +26,15 @@ With ``--true-digit-code`` the sum head reads the true digit's code in training 
 trains ``au.ConcatAdderNet``, the usual design, whose sum comes from layers over the image
 features and the addend.
 
+On a machine with a CUDA GPU it trains there, as the notebook does: data, batches and
+augmentation on the GPU, fused SGD, autocast (bfloat16 where native, else float16 with a
+GradScaler), and the training step recorded once as a CUDA graph (``au.recorded_step``, which
+says why and goes on step by step where it cannot). Its random numbers then come from the GPU's
+generator, so GPU runs are compared with GPU runs only: the log's settings end with
+``DEVICE=cuda``, and ``tuning/sweep.py`` keeps them in a folder of their own. On a CPU it trains
+exactly as before, unless ADDER_GPU_TESTS_ON_CPU=1 asks for the GPU's code path there (fused SGD,
+the recording's warm-up), as ``.ci/gpu_run --short`` rehearses it.
+
 Run from the repository root, one thread per run so that two runs share two cores:
 
     OMP_NUM_THREADS=1 ADDER_BATCH_SIZE=128 python tuning/tune.py NAME SEED > training_logs/tuning/NAME_seedSEED.log
@@ -34,6 +43,7 @@ Run from the repository root, one thread per run so that two runs share two core
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,8 +128,10 @@ def main():
     validation_addends = au.seeded_addends(len(validation_index), seed=recipe["VALIDATION_ADDEND_SEED"])
     validation_sums = validation_digits + validation_addends
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, digits = images.to(device), digits.to(device)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     # The epochs' validation figures read the digit plainly; the end scores it both ways.
     model = (au.ConcatAdderNet if arguments.baseline else au.AdderNet)(recipe["STAGES"], test_time_shifts=False)
     if residual:
@@ -130,6 +142,7 @@ def main():
     settings += f" SEEN_SET={arguments.seen_set}" if arguments.seen_set else ""
     settings += " TRUE_DIGIT_CODE=True" if arguments.true_digit_code else ""
     settings += " BASELINE=True" if arguments.baseline else ""
+    settings += f" DEVICE={device.type}" if device.type != "cpu" else ""  # the CPU's logs never named it
     held_out_pairs = (au.held_out_pairs(recipe["HELD_OUT_PAIRS"], seed=recipe["HELD_OUT_SEED"], interior_sums=True)
                       if held_out else [])  # as the notebook draws them
     if arguments.seen_set:
@@ -137,27 +150,42 @@ def main():
                 else au.interior_seen_pairs(2 * au.NUM_DIGITS - 1, int(arguments.seen_set)))
         held_out_pairs = [tuple(pair) for pair in torch.nonzero(au.pair_mask(seen)).tolist()]  # the other 81
     print(f"{name} seed {seed}: {au.count_parameters(model)} parameters; {settings}", flush=True)
+    model = model.to(device)
     steps_per_epoch = len(images) // recipe["BATCH_SIZE"]
-    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, recipe["EPOCHS"] * steps_per_epoch)
+    gpu_path = device.type == "cuda" or os.environ.get("ADDER_GPU_TESTS_ON_CPU") == "1"
+    optimizer, scheduler = au.sgd_one_cycle(model.parameters(), recipe, recipe["EPOCHS"] * steps_per_epoch,
+                                            fused=gpu_path)
     averages = {decay: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) for decay in EMA_DECAYS}
     digit_criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["LABEL_SMOOTHING"])
-    use_autocast = au.supports_bf16(torch.device("cpu"))
+    autocast_dtype = au.autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    def training_step(batch_images, addends, batch_digits, sums):
+        batch_images = au.augment(batch_images, generator, recipe["MAX_ROTATION"], recipe["MAX_SHIFT"],
+                                  recipe["MAX_SCALE"], recipe["ELASTIC"])
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                            cache_enabled=False):
+            digit_logits, sum_logits = model(batch_images, addends, batch_digits if arguments.true_digit_code else None)
+            loss = digit_criterion(digit_logits, batch_digits) + F.cross_entropy(sum_logits, sums)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    step = training_step
+    if gpu_path:  # as the notebook trains there: one CUDA graph, replayed
+        example = (images[:recipe["BATCH_SIZE"]], torch.zeros_like(digits[:recipe["BATCH_SIZE"]]),
+                   digits[:recipe["BATCH_SIZE"]], digits[:recipe["BATCH_SIZE"]])
+        step = au.recorded_step(training_step, example, model, optimizer, generators=[generator], scaler=scaler)
 
     for epoch in range(1, recipe["EPOCHS"] + 1):
         started = time.perf_counter()
         model.train()
-        meter = au.EpochMeter("cpu")
+        meter = au.EpochMeter(device)
         batches = au.random_batches(images, digits, recipe["BATCH_SIZE"], generator, au.pair_mask(held_out_pairs))
-        for batch_index, (batch_images, addends, batch_digits, sums) in enumerate(batches):
-            batch_images = au.augment(batch_images, generator, recipe["MAX_ROTATION"], recipe["MAX_SHIFT"],
-                                       recipe["MAX_SCALE"], recipe["ELASTIC"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
-                digit_logits, sum_logits = model(batch_images, addends,
-                                                 batch_digits if arguments.true_digit_code else None)
-                loss = digit_criterion(digit_logits, batch_digits) + F.cross_entropy(sum_logits, sums)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for batch_index, batch in enumerate(batches):
+            loss = step(*batch)
             scheduler.step()
             meter.update(loss, batch_index)
             for average in averages.values():
