@@ -966,7 +966,7 @@ def digit_invariance(digit_pred_by_addend: torch.Tensor) -> float:
     return 100.0 * same.float().mean().item()
 
 
-def evaluate_every_addend(model: nn.Module, images, digits, batch_size=10_000) -> dict:
+def evaluate_every_addend(model: nn.Module, images, digits, batch_size: int | None = None) -> dict:
     """Score each image with each addend 0-9 through ``predict``; return metrics and diagnostics.
 
     Deterministic: no random addends, and the model in eval mode.
@@ -1431,7 +1431,9 @@ def save_checkpoint(model: AdderNet, path, metadata: dict | None = None) -> None
 
 
 def load_checkpoint(path, device="cpu") -> AdderNet:
-    """Rebuild the model saved by ``save_checkpoint``, on ``device``, in eval mode."""
+    """Rebuild the model saved by ``save_checkpoint``, on ``device``, in eval mode. On a CPU its
+    weights are kept channels-last: the CPU's convolutions (oneDNN) run about twice as fast on
+    that layout, with the same answers."""
     contents = safe_load(path)
     if contents.get("kind") != "model":
         raise ValueError(f"{path} is a {contents.get('kind')!r} checkpoint, not a model checkpoint")
@@ -1442,7 +1444,10 @@ def load_checkpoint(path, device="cpu") -> AdderNet:
         raise ValueError(
             f"{path} holds weights of a different model: {str(error).splitlines()[0][:300]}"
         ) from error
-    return model.to(device).eval()
+    model = model.to(device)
+    if torch.device(device).type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
 
 
 def save_training_state(path, state: dict) -> None:
@@ -1572,18 +1577,25 @@ def answers(model: nn.Module, batch: torch.Tensor, addends: torch.Tensor):
     return digits, model.sum_head(exact_codes(digits, addends)).argmax(dim=1)
 
 
+PREDICT_BATCH_GPU = 10_000
+PREDICT_BATCH_CPU = 256
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images, addends, batch_size: int = 10_000):
+def predict(model: nn.Module, images, addends, batch_size: int | None = None):
     """Read the digit and add the addend: returns ``(digits, sums)``, int64 tensors of shape (N,).
 
     ``images``: one 28x28 image or an Nx28x28 batch (Nx1x28x28 too), numpy or torch, as uint8
     pixels 0-255 or floats in [0, 1]. ``addends``: an int or a sequence of N ints 0-9.
     Bad input raises TypeError or ValueError naming the problem. In eval mode, so the same
-    model always gives the same answers.
+    model always gives the same answers. ``batch_size`` (the answers do not depend on it):
+    if None, 10,000 on a GPU, where fewer launches pay, and 256 on a CPU, where batches that
+    stay in its caches run about twice as fast.
     """
     pixels = _as_image_batch(images)
     addends = _as_addends(addends, len(pixels))
     device = next(model.parameters()).device
+    batch_size = batch_size or (PREDICT_BATCH_GPU if device.type == "cuda" else PREDICT_BATCH_CPU)
     was_training = model.training
     model.eval()
     digit_batches, sum_batches = [], []

@@ -1514,6 +1514,7 @@ def test_checkpoint_round_trip(model, test_images, tmp_path):
     au.save_checkpoint(model, path, metadata={"seed": 0, "note": "test"})
     loaded = au.load_checkpoint(path)
     assert not loaded.training
+    assert loaded.backbone[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # on a CPU
     assert loaded.config() == model.config()
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -1827,11 +1828,11 @@ def test_predict_accepts_every_addend_form(scripted):
 
 
 def test_predict_batches_give_the_same_answers(model, test_images):
-    images = test_images[0][:10]
-    addends = au.seeded_addends(10, seed=0)
-    whole = au.predict(model, images, addends)
-    in_pieces = au.predict(model, images, addends, batch_size=3)
-    assert all(torch.equal(a, b) for a, b in zip(whole, in_pieces))
+    images, addends = test_images[0], au.seeded_addends(len(test_images[0]), seed=0)
+    whole = au.predict(model, images, addends, batch_size=len(images))
+    for batch_size in (None, 3):  # the CPU's default, and pieces of 3
+        in_pieces = au.predict(model, images, addends, batch_size=batch_size)
+        assert all(torch.equal(a, b) for a, b in zip(whole, in_pieces)), batch_size
 
 
 def test_predict_restores_training_mode(model, test_images):
