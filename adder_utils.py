@@ -39,11 +39,13 @@ NUM_SUMS = 19  # sums 0-18
 # ADDER_<KEY> variable overrides a key; the module's defaults (the sum head alone included) and
 # the benchmark read it as it is. A resumed run must have the recipe it was saved with, because
 # its saved optimizer and schedule carry it. Every value was chosen on the validation split
-# (tuning/README.md says how), but for the seeds, which are fixed so that every run is judged on
-# the same validation images and addends and holds out the same pairs.
+# (tuning/README.md says how), but for the seeds, which are fixed so that every run scored on the
+# validation split sees the same images and addends, and every held-out run the same pairs.
+# Once the recipe is fixed, the models scored on the test set train on the validation images
+# too (the notebook's section 7).
 RECIPE = {
     "STAGES": ((12, 12), (16, 16, 16), (24, 24)),  # conv widths at 28x28, 14x14 and 7x7
-    "EPOCHS": 20,               # passes over the training split
+    "EPOCHS": 20,               # passes over the training images
     "BATCH_SIZE": 256,
     "MAX_LR": 0.2,              # OneCycle's peak learning rate (see the LR range test)
     "CYCLE_MOMENTUM": False,    # True: OneCycle moves the momentum 0.95 -> 0.85 -> 0.95 against the LR
@@ -55,7 +57,7 @@ RECIPE = {
     "MAX_SCALE": 0.1,           # ... and scalings by up to this fraction (0: none) ...
     "ELASTIC": 0.0,             # ... and smooth elastic distortions moving pixels this far (RMS, 0: none)
     "TEST_TIME_SHIFTS": True,   # predict reads each digit from the image and its 8 one-pixel shifts
-    "TRAIN_SIZE": 0,            # 0: all 55,000 training images
+    "TRAIN_SIZE": 0,            # 0: the whole training split, 55,000 (the scored models add the validation split)
     "VALIDATION_SIZE": 5000,    # taken from the 60,000 training images ...
     "SPLIT_SEED": 0,            # ... which ones: split_indices' seed
     "VALIDATION_ADDEND_SEED": 1,  # the validation images' addends, drawn once: seeded_addends' seed
