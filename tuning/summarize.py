@@ -34,13 +34,16 @@ NOT_TRAINED = {"TEST_TIME_SHIFTS"}
 
 
 def read_log(path):
-    """(name, seed, parameters, settings, {candidate: final validation digit accuracy}) or None."""
+    """(name, seed, parameters, settings, {candidate: final validation digit accuracy}, device)
+    or None while unfinished. The device is named in the settings by tune.py, but for the CPU."""
     lines = path.read_text().splitlines()
     header = re.match(r"(\S+) seed (\d+): (\d+) parameters; (.*)", lines[0]) if lines else None
     if not header:
         return None
     name, seed, parameters, settings = header.groups()
-    settings = re.sub(r" DEVICE=\S+", "", settings)  # where it ran: one device per folder (main says which)
+    device = re.search(r" DEVICE=(\S+)", settings)
+    device = device.group(1) if device else "cpu"
+    settings = re.sub(r" DEVICE=\S+", "", settings)  # one device per folder: main says which
     epochs = [re.search(r"^epoch +(\d+) .* val digit ([\d.]+)", line) for line in lines[1:]]
     epochs = [match for match in epochs if match]
     planned = re.search(r"(?:epochs|EPOCHS)=(\d+)", settings)
@@ -48,13 +51,13 @@ def read_log(path):
         return None  # unfinished
     if any(line.startswith("result unseen pairs:") for line in lines):
         # A run that never saw some pairs (--held-out, --seen-set): what matters is those pairs.
-        return name, int(seed), int(parameters), settings, held_out_results(lines)
+        return name, int(seed), int(parameters), settings, held_out_results(lines), device
     results = {name: float(epochs[-1].group(2))}
     for line in lines:
         extra = re.match(r"result (\S+) val digit ([\d.]+)", line)
         if extra and extra.group(1) != "plain":
             results[f"{name} +{extra.group(1).removeprefix('plain+')}"] = float(extra.group(2))
-    return name, int(seed), int(parameters), settings, results
+    return name, int(seed), int(parameters), settings, results, device
 
 
 def held_out_results(lines):
@@ -86,27 +89,18 @@ def changed_settings(settings: str) -> str:
     return ", ".join(changed) or "the recipe"
 
 
-def log_devices(paths) -> set[str]:
-    """The devices the logs trained on (tune.py names any but the CPU in its first line)."""
-    return {(re.search(r" DEVICE=(\S+)", path.read_text().split("\n", 1)[0]) or [None, "cpu"])[1] for path in paths}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logs", type=Path, default=LOGS, help="the folder of tune.py's logs")
     logs = parser.parse_args().logs
-    paths = sorted(logs.glob("*_seed*.log"))
-    devices = log_devices(paths)
-    if len(devices) > 1:
-        raise SystemExit(f"{logs} holds runs on several devices ({', '.join(sorted(devices))}): "
-                         "their random numbers differ, so they are not compared seed by seed")
     runs = defaultdict(dict)  # candidate -> {seed: accuracy}
-    described, held_out_rows = {}, []
-    for path in paths:
+    described, held_out_rows, devices = {}, [], set()
+    for path in sorted(logs.glob("*_seed*.log")):
         log = read_log(path)
         if log is None:
             continue
-        name, seed, parameters, settings, results = log
+        name, seed, parameters, settings, results, device = log
+        devices.add(device)
         if "unseen" in results:
             held_out_rows.append(f"| {name} | {seed} | {parameters:,} | {changed_settings(settings)} | "
                                  f"{results['digit']} | {results['sum']} | {results['unseen']} | "
@@ -116,6 +110,9 @@ def main():
             runs[candidate][seed] = accuracy
             described[candidate] = (parameters, changed_settings(settings))
 
+    if len(devices) > 1:
+        raise SystemExit(f"{logs} holds runs on several devices ({', '.join(sorted(devices))}): "
+                         "their random numbers differ, so they are not compared seed by seed")
     recipe_runs = [name for name, (_, settings) in described.items() if settings == "the recipe" and "+" not in name]
     if len(recipe_runs) > 1:
         raise SystemExit(f"several candidates are the recipe: {', '.join(recipe_runs)}")
