@@ -62,6 +62,9 @@ ROWS = [
     {"key": "cudnn_benchmark", "name": "+ cuDNN picks its kernels by timing (resume not bit-exact)",
      "compared_with": "channels_last", "needs_cuda": True, "data_on_device": True, "augment": True,
      "autocast": True, "compile": "gpu", "captured": True, "channels_last": True, "cudnn_benchmark": True},
+    {"key": "captured_eager", "name": "the notebook's step without torch.compile: recorded, but never compiled",
+     "compared_with": "captured", "needs_cuda": True, "data_on_device": True, "augment": True, "autocast": True,
+     "captured": True},
     {"key": "float16", "name": "Colab T4's path, forced: float16 autocast + GradScaler",
      "compared_with": "notebook", "needs_cuda": True, "data_on_device": True, "augment": True,
      "autocast": "float16", "compile": "gpu"},
@@ -69,7 +72,7 @@ ROWS = [
      "compared_with": "float16", "needs_cuda": True, "data_on_device": True, "augment": True,
      "autocast": "float16", "compile": "gpu", "captured": True},
 ]
-PROFILED = {"notebook", "captured", "channels_last"}
+PROFILED = {"notebook", "captured", "channels_last", "captured_eager"}
 
 
 def load_data(root, train_size, device):
