@@ -1,19 +1,27 @@
-"""Many tune.py runs, one after another, within a time budget: how a GPU machine tries many
-candidates in one call. On a GPU a 20-epoch run takes seconds (the training step recorded as a
-CUDA graph), so one call can give several candidates 5 seeds each.
+"""Many tune.py runs within a time budget, one after another, every candidate with the same seeds.
 
-    python tuning/sweep.py --budget 480 --seeds 5 --logs training_logs/tuning/gpu tuning/gpu_candidates.txt
+    python tuning/sweep.py --budget 5400 --seeds 5 --logs training_logs/tuning CANDIDATES_FILE
 
 The candidates file has one candidate a line: a name, then ``KEY=VALUE`` overrides of the recipe
 (passed to tune.py as ``ADDER_<KEY>``) and tune.py flags (``--residual``); ``#`` starts a comment.
-A candidate with no overrides and no flags is the recipe, which the others are compared with.
+A candidate with no overrides and no flags is the recipe, which the others are compared with:
+
+    scale10
+    lr025     MAX_LR=0.25
+    batch384  BATCH_SIZE=384 MAX_LR=0.3
 
 The runs go seed by seed (every candidate's seed 0, then every candidate's seed 1, ...), so that
 a budget cut leaves every candidate with the same seeds. A run whose log is finished is skipped,
-so a second call goes on where the first stopped. A run starts only when the budget left holds
-the longest run so far with a margin; the first always starts. It exits with 3 when the budget
-ran out first (run it again to go on), 1 when a run failed, 0 when every run is done. Then
-``python tuning/summarize.py --logs DIR`` writes DIR/candidates.md.
+so a second call goes on where the first stopped, and the recipe's runs already logged are not
+run again. A run starts only when the budget left holds the longest run so far with a margin;
+the first always starts. It exits with 3 when the budget ran out first (run it again to go on),
+1 when a run failed, 0 when every run is done. Then ``python tuning/summarize.py`` (``--logs
+DIR`` for another folder) writes the folder's candidates.md.
+
+On a 2-core CPU two sweeps run side by side, one thread each (``OMP_NUM_THREADS=1``), each file
+with the recipe's line and candidates of its own: about 8 minutes a run. On a GPU a run takes under 30 s on an H200 (the step recorded as a CUDA graph); its
+runs draw other random numbers, so they go in a folder of their own (``--logs
+training_logs/tuning/gpu``).
 """
 
 import argparse
