@@ -125,7 +125,7 @@ def build_training(row, total_steps, device):
         if row.get("augment"):
             images = au.augment(images, generator)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-            digit_logits, sum_logits = forward(images, addends)
+            digit_logits, sum_logits = forward(images, addends, digits)  # the true digits, as the notebook
             loss = (F.cross_entropy(digit_logits, digits, label_smoothing=au.RECIPE["LABEL_SMOOTHING"])
                     + F.cross_entropy(sum_logits, sums))
         optimizer.zero_grad(set_to_none=True)
