@@ -19,9 +19,9 @@ the first always starts. It exits with 3 when the budget ran out first (run it a
 DIR`` for another folder) writes the folder's candidates.md.
 
 On a 2-core CPU two sweeps run side by side, one thread each (``OMP_NUM_THREADS=1``), each file
-with the recipe's line and candidates of its own: about 8 minutes a run. On a GPU a run takes under 30 s on an H200 (the step recorded as a CUDA graph); its
-runs draw other random numbers, so they go in a folder of their own (``--logs
-training_logs/tuning/gpu``).
+with the recipe's line and candidates of its own: about 8 minutes a run. On an H200 a run takes
+under 30 s (the step recorded as a CUDA graph); a GPU's runs draw other random numbers, so they
+go in a folder of their own (``--logs training_logs/tuning/gpu``).
 """
 
 import argparse
