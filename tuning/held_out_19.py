@@ -15,7 +15,7 @@ the largest ``|z - (d + a)|`` over all 100 pairs: the sums are read from z by ro
 under 0.5 means every pair right. Deterministic on the CPU, one thread; about two minutes.
 
 Run from the repository root: python tuning/held_out_19.py (writes
-training_logs/tuning/held_out_19.md).
+tuning/logs/held_out_19.md).
 """
 
 import sys
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import adder_utils as au  # noqa: E402
 
-OUTPUT = REPO / "training_logs" / "tuning" / "held_out_19.md"
+OUTPUT = REPO / "tuning" / "logs" / "held_out_19.md"
 SEEDS = (0, 1, 2)  # training seeds: the head's initial values and its batches
 
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ notebook's optimizer and schedule (``train_sum_head_alone``, 2,000 steps), and i
 the pairs it never saw. Deterministic on the CPU; about a minute in all.
 
 Run from the repository root: python tuning/sum_head_variants.py (writes
-training_logs/tuning/sum_head_variants.md).
+tuning/logs/sum_head_variants.md).
 """
 
 import sys
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import adder_utils as au  # noqa: E402
 
-OUTPUT = REPO / "training_logs" / "tuning" / "sum_head_variants.md"
+OUTPUT = REPO / "tuning" / "logs" / "sum_head_variants.md"
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
-"""Write training_logs/tuning/candidates.md: every tuning candidate's validation digit accuracy.
+"""Write tuning/logs/candidates.md: every tuning candidate's validation digit accuracy.
 
-Reads the logs tune.py wrote (training_logs/tuning/NAME_seedSEED.log). A candidate is a log
+Reads the logs tune.py wrote (tuning/logs/NAME_seedSEED.log). A candidate is a log
 name, or a log name and one of the extras tune.py scores at the end (``+tta``, ``+ema0.998``,
 ...). Each row gives the mean ± sample standard deviation over seeds of the final validation
 digit accuracy, each seed's value, and, for candidates run with the same seeds as the
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import adder_utils as au  # noqa: E402
 
-LOGS = REPO / "training_logs" / "tuning"
+LOGS = REPO / "tuning" / "logs"
 RECIPE = au.settings_from_env(au.RECIPE)
 # Settings added after some logs were written, with the value those logs trained with.
 SETTINGS_ADDED_LATER = {"MAX_SCALE": 0.0, "ELASTIC": 0.0}

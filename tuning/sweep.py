@@ -1,6 +1,6 @@
 """Many tune.py runs within a time budget, one after another, every candidate with the same seeds.
 
-    python tuning/sweep.py --budget 5400 --seeds 5 --logs training_logs/tuning CANDIDATES_FILE
+    python tuning/sweep.py --budget 5400 --seeds 5 --logs tuning/logs CANDIDATES_FILE
 
 The candidates file has one candidate a line: a name, then ``KEY=VALUE`` overrides of the recipe
 (passed to tune.py as ``ADDER_<KEY>``) and tune.py flags (``--residual``); ``#`` starts a comment.
@@ -21,7 +21,7 @@ DIR`` for another folder) writes the folder's candidates.md.
 On a 2-core CPU two sweeps run side by side, one thread each (``OMP_NUM_THREADS=1``), each file
 with the recipe's line and candidates of its own: about 8 minutes a run. On an H200 a run takes
 under 30 s (the step recorded as a CUDA graph); a GPU's runs draw other random numbers, so they
-go in a folder of their own (``--logs training_logs/tuning/gpu``).
+go in a folder of their own (``--logs tuning/logs/gpu``).
 """
 
 import argparse

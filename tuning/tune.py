@@ -37,9 +37,9 @@ the recording's warm-up), as ``.ci/gpu_run --short`` rehearses it.
 
 Run from the repository root, one thread per run so that two runs share two cores:
 
-    OMP_NUM_THREADS=1 ADDER_BATCH_SIZE=128 python tuning/tune.py NAME SEED > training_logs/tuning/NAME_seedSEED.log
+    OMP_NUM_THREADS=1 ADDER_BATCH_SIZE=128 python tuning/tune.py NAME SEED > tuning/logs/NAME_seedSEED.log
 
-``python tuning/summarize.py`` then turns the logs into training_logs/tuning/candidates.md.
+``python tuning/summarize.py`` then turns the logs into tuning/logs/candidates.md.
 """
 
 import argparse
