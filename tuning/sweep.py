@@ -12,16 +12,18 @@ A candidate with no overrides and no flags is the recipe, which the others are c
 
 The runs go seed by seed (every candidate's seed 0, then every candidate's seed 1, ...), so that
 a budget cut leaves every candidate with the same seeds. A run whose log is finished is skipped,
-so a second call goes on where the first stopped, and the recipe's runs already logged are not
-run again. A run starts only when the budget left holds the longest run so far with a margin;
-the first always starts. It exits with 3 when the budget ran out first (run it again to go on),
-1 when a run failed, 0 when every run is done. Then ``python tuning/summarize.py`` (``--logs
-DIR`` for another folder) writes the folder's candidates.md.
+so a second call goes on where the first stopped. A run starts only when the budget left holds
+the longest run so far with a margin; the first always starts. It exits with 3 when the budget
+ran out first (run it again to go on), 1 when a run failed, 0 when every run is done. Then
+``python tuning/summarize.py`` (``--logs DIR`` for another folder) writes the folder's
+candidates.md.
 
 On a 2-core CPU two sweeps run side by side, one thread each (``OMP_NUM_THREADS=1``), each file
-with the recipe's line and candidates of its own: about 8 minutes a run. On an H200 a run takes
-under 30 s (the step recorded as a CUDA graph); a GPU's runs draw other random numbers, so they
-go in a folder of their own (``--logs tuning/logs/gpu``).
+with the recipe's line and candidates of its own: about 8 minutes a run. Run the recipe's seeds
+first: once their logs are finished both sweeps skip them, where two unfinished ones would be run
+by both into the same logs. On an H200 a run takes under 30 s (the step recorded as a CUDA
+graph); a GPU's runs draw other random numbers, so they go in a folder of their own (``--logs
+tuning/logs/gpu``).
 """
 
 import argparse
